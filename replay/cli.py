@@ -24,9 +24,13 @@ def _duration(text: str) -> float:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", required=True, help="named target (targets/NAME.toml) or an OpenAI-compatible URL")
+    p.add_argument(
+        "--target", required=True, help="named target (targets/NAME.toml) or an OpenAI-compatible URL"
+    )
     p.add_argument("--rate", type=float, help="mean offered rate, requests/s")
-    p.add_argument("--duration", type=_duration, default=None, help="run length: 60, 90s, 15m, 4h (default 60s)")
+    p.add_argument(
+        "--duration", type=_duration, default=None, help="run length: 60, 90s, 15m, 4h (default 60s)"
+    )
     p.add_argument("--requests", type=int, default=None, help="stop after this many requests")
     p.add_argument("--arrival", default="poisson", choices=arrivals.KINDS)
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: <1 burstier, 1 = Poisson")
@@ -37,7 +41,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<stamp>-<target>/)")
     p.add_argument("--strict", action="store_true", help="exit 1 when the generator fell behind")
-    p.add_argument("--drain-timeout", type=_duration, default=60.0, help="grace for in-flight requests at the end")
+    p.add_argument(
+        "--drain-timeout", type=_duration, default=60.0, help="grace for in-flight requests at the end"
+    )
     p.add_argument("--interval", type=_duration, default=10.0, help="interval log period (default 10s)")
     p.add_argument("--endpoint", default="completions", choices=("completions", "chat"))
     p.add_argument("--model", default=None, help="model name on the server (default: the first it lists)")
@@ -90,11 +96,15 @@ def cmd_run(ns: argparse.Namespace) -> int:
     cfg = _config(ns)
     problems = cfg.problems()
     if problems:
-        raise ReplayError(problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""))
+        raise ReplayError(
+            problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
+        )
     run_dir = cfg.out or default_run_dir(cfg.target)
     target = load_target(cfg.target, run_dir, {"endpoint": cfg.endpoint, "model": cfg.model})
     vocab = getattr(target, "vocab_size", None)
-    prompts = PromptBuilder(cfg.seed, DEFAULT_LOW_ID, min(vocab, DEFAULT_HIGH_ID) if vocab else DEFAULT_HIGH_ID)
+    prompts = PromptBuilder(
+        cfg.seed, DEFAULT_LOW_ID, min(vocab, DEFAULT_HIGH_ID) if vocab else DEFAULT_HIGH_ID
+    )
     sched = schedule.synthetic(
         arrivals.offsets(cfg.arrival_spec(), cfg.seed),
         input_tokens=cfg.input_tokens,

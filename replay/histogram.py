@@ -6,8 +6,6 @@ at 20 ms). Rates (tokens/s per request) use the same histogram in milli-units so
 
 from __future__ import annotations
 
-import base64
-
 from hdrh.histogram import HdrHistogram
 
 LOWEST = 1
@@ -68,11 +66,3 @@ def summary_ms(h: HdrHistogram, scale: float = 1e-3) -> dict[str, float | int | 
     out["mean"] = round(h.get_mean_value() * scale, 3)
     out["count"] = n
     return out
-
-
-def is_valid_b64(text: str) -> bool:
-    try:
-        base64.b64decode(text, validate=True)
-    except ValueError:
-        return False
-    return True

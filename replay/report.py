@@ -89,6 +89,10 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _fmt_int(v: Any) -> str:
+    return "-" if v is None else f"{v:.0f}"
+
+
 def console_table(summary: dict[str, Any]) -> str:
     """A compact, human-readable table of the figures users look at first."""
     m = summary["metrics"]
@@ -99,7 +103,7 @@ def console_table(summary: dict[str, Any]) -> str:
     for name in rows:
         lines.append(f"{name:<16}" + "".join(f"{_fmt(m[name][c]):>10}" for c in cols))
     tps = m["output_tps"]
-    lines.append(f"{'tok/s/request':<16}" + "".join(f"{_fmt(tps[c]):>10}" for c in cols))
+    lines.append(f"{'tok/s/request':<16}" + "".join(f"{_fmt_int(tps[c]):>10}" for c in cols))
     c = summary["counts"]
     t = summary["throughput"]
     errs = ", ".join(f"{k}={v}" for k, v in c["errors"].items()) or "none"

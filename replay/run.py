@@ -112,9 +112,16 @@ class _Run:
         self.timeseries.write(row)
         self.timeseries.flush()
 
-    async def execute(self, schedule: Iterable[Request], offered_rate: float | None) -> RunResult:
+    async def execute(
+        self, schedule: Iterable[Request], offered_rate: float | None, manage_target: bool
+    ) -> RunResult:
         loop = asyncio.get_running_loop()
-        await self.target.start()
+        if manage_target:
+            try:
+                await self.target.start()
+            except BaseException:
+                await self.target.close()  # a half-started server must not be orphaned
+                raise
         hlog = IntervalLog(self.run_dir / "intervals.hlog", time.time() + START_LEAD_S)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
@@ -136,7 +143,8 @@ class _Run:
             hlog.close()
             self.requests.close()
             self.timeseries.close()
-            await self.target.close()
+            if manage_target:
+                await self.target.close()
         return self._finish(offered_rate)
 
     def _finish(self, offered_rate: float | None) -> RunResult:
@@ -179,10 +187,17 @@ class _Run:
 
 
 async def execute(
-    cfg: RunConfig, target: Target, schedule: Iterable[Request], run_dir: Path, offered_rate: float | None
+    cfg: RunConfig,
+    target: Target,
+    schedule: Iterable[Request],
+    run_dir: Path,
+    offered_rate: float | None,
+    manage_target: bool = True,
 ) -> RunResult:
+    """One run into `run_dir`. With `manage_target=False` the caller owns the target's
+    start/close (a capacity search reuses one server across many runs)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    return await _Run(cfg, target, run_dir).execute(schedule, offered_rate)
+    return await _Run(cfg, target, run_dir).execute(schedule, offered_rate, manage_target)
 
 
 def run_in_uvloop(coro: Any) -> Any:

@@ -8,6 +8,7 @@ every stream, inflating TTFT and ITL). Client CPU is reported beside them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -45,10 +46,8 @@ class LoopLagMonitor:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            except asyncio.CancelledError:
-                pass
         t = self._proc.cpu_times()
         wall = time.perf_counter() - self._wall0
         if wall > 0:

@@ -14,5 +14,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
     skipped = len(reporter.stats.get("skipped", [])) if reporter else 0
     if skipped and os.environ.get("REPLAY_ALLOW_SKIPS") != "1":
-        reporter.write_line(f"{skipped} test(s) skipped: a skip is not a pass (set REPLAY_ALLOW_SKIPS=1 locally)")
+        reporter.write_line(
+            f"{skipped} test(s) skipped: a skip is not a pass (set REPLAY_ALLOW_SKIPS=1 locally)"
+        )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED

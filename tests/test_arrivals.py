@@ -55,7 +55,9 @@ def test_gamma_mean_rate_and_burstiness(b):
 def test_ramp_follows_integrated_rate():
     spec = ArrivalSpec("constant", 10.0, ramp_to=30.0, ramp_s=10.0)
     t = np.array(list(itertools.takewhile(lambda x: x < 10.0, offsets(spec, 0))))
-    assert len(t) == 199  # Lambda(10) = 10*10 + 20*10/2 = 200 arrivals at s = 1..200, the 200th at exactly t=10
+    assert (
+        len(t) == 199
+    )  # Lambda(10) = 10*10 + 20*10/2 = 200 arrivals at s = 1..200, the 200th at exactly t=10
     assert mean_rate(spec, 10.0) == pytest.approx(20.0)
     # First half carries Lambda(5) = 50 + 25 = 75 requests.
     assert (t < 5.0).sum() == 74

@@ -11,7 +11,9 @@ from replay.targets.fake import FakeTarget
 
 
 def reqs(offsets, out_tokens=8):
-    return [Request(id=i, intended_s=t, input_tokens=4, output_tokens=out_tokens) for i, t in enumerate(offsets)]
+    return [
+        Request(id=i, intended_s=t, input_tokens=4, output_tokens=out_tokens) for i, t in enumerate(offsets)
+    ]
 
 
 async def drive(target, schedule, options=None, stop_after=None):
