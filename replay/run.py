@@ -19,10 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import psutil
 
 from replay import histogram as H
 from replay.config import RunConfig
+from replay.drift import DriftTracker
 from replay.engine import Engine, EngineOptions
+from replay.progress import Progress
 from replay.record import Request, RequestRecord
 from replay.recorder import Recorder
 from replay.report import build_summary
@@ -66,6 +69,10 @@ class _Run:
         self.signals = 0
         self.t0 = 0.0
         self.last_server: dict[str, float] = {}
+        self.drift = DriftTracker(cfg.interval_s)
+        self.proc = psutil.Process()
+        self.proc.cpu_percent()  # prime: the next call reports CPU since now
+        self.rss_peak_mb = 0.0
 
     def _sink(self, rec: RequestRecord) -> None:
         self.recorder.add(rec)
@@ -108,7 +115,12 @@ class _Run:
             "ttft_p99_ms": ttft["p99"],
             "itl_p99_ms": H.summary_ms(hists["itl"])["p99"],
         }
+        rss_mb = self.proc.memory_info().rss / 2**20
+        self.rss_peak_mb = max(self.rss_peak_mb, rss_mb)
+        row["client.rss_mb"] = round(rss_mb, 1)
+        row["client.cpu_percent"] = round(self.proc.cpu_percent(), 1)
         row.update({f"server.{k}": v for k, v in self.last_server.items()})
+        self.drift.add(hists, row)
         self.timeseries.write(row)
         self.timeseries.flush()
 
@@ -128,6 +140,11 @@ class _Run:
         self.t0 = time.perf_counter() + START_LEAD_S
         self.monitor.start()
         ticker = asyncio.ensure_future(self._intervals(hlog))
+        progress = (
+            Progress(self, self.cfg.duration_s, offered_rate) if Progress.wanted(self.cfg.quiet) else None
+        )
+        if progress:
+            progress.start()
         try:
             await self.engine.run(schedule, self.t0)
         finally:
@@ -137,6 +154,8 @@ class _Run:
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
             await self.monitor.stop()
+            if progress:
+                await progress.stop()
             elapsed = time.perf_counter() - self.t0
             last_start = (elapsed // self.cfg.interval_s) * self.cfg.interval_s
             self._close_interval(hlog, last_start, max(elapsed - last_start, 1e-3))
@@ -173,6 +192,7 @@ class _Run:
             offered_rate=offered_rate,
             partial=partial,
             error_examples=self.recorder.error_examples,
+            extra={"drift": self.drift.verdict(), "client": {"rss_peak_mb": round(self.rss_peak_mb, 1)}},
         )
         (self.run_dir / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
         if partial:
