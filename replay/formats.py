@@ -131,7 +131,7 @@ class TraceFile:
                     stats.unsorted_rows += 1
                     raise RowError(
                         parser.time_field,
-                        f"{t:g} is earlier than the previous row's {prev_raw:g}: rows must be sorted "
+                        f"arrives {prev_raw - t:.6g} s before the previous row: rows must be sorted "
                         "by arrival (sort a copy with `replay trace convert --sort`)",
                     )
             except RowError as e:
