@@ -19,8 +19,13 @@ def synthetic(
     prompts: PromptBuilder,
     duration_s: float | None,
     max_requests: int | None,
+    shard: tuple[int, int] | None = None,
 ) -> Iterator[Request]:
-    """Requests at the given offsets until `duration_s` (exclusive) or `max_requests`, whichever first."""
+    """Requests at the given offsets until `duration_s` (exclusive) or `max_requests`, whichever first.
+
+    `shard=(w, n)` keeps only ids with `id % n == w` (one worker's share; the union over w is the
+    whole schedule) and skips building the others' prompts.
+    """
     if duration_s is None and max_requests is None:
         raise ValueError("a schedule needs a duration or a request count")
     for i, t in enumerate(arrival_offsets):
@@ -28,6 +33,8 @@ def synthetic(
             return
         if duration_s is not None and t >= duration_s:
             return
+        if shard is not None and i % shard[1] != shard[0]:
+            continue
         yield Request(
             id=i,
             intended_s=t,
