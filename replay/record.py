@@ -8,12 +8,16 @@ anyone else sees the record, so every consumer reads run-relative seconds.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 OK = "ok"
 ERROR = "error"
 NOT_SENT = "not_sent"
+# Order of a request's own ITL summary in requests.jsonl ("itl_s"): per-request SLOs need it,
+# and the chunk arrays themselves are not kept.
+ITL_STATS = ("p50", "p90", "p95", "p99", "p99.9", "max", "mean")
 
 
 @dataclass(slots=True)
@@ -147,6 +151,18 @@ class RequestRecord:
             out.extend([0.0] * (self.chunk_tokens[0] - 1))
         return out
 
+    def itl_stats(self) -> list[float] | None:
+        """This request's own ITLs summarised in `ITL_STATS` order (nearest-rank percentiles);
+        None when it has no ITL sample (fewer than two tokens)."""
+        gaps = self.itls()
+        if not gaps:
+            return None
+        gaps.sort()
+        n = len(gaps)
+        out = [gaps[max(0, math.ceil(q * n / 100) - 1)] for q in (50, 90, 95, 99, 99.9)]
+        out += [gaps[-1], sum(gaps) / n]
+        return [round(x, 6) for x in out]
+
     def to_json(self) -> dict[str, Any]:
         """The requests.jsonl line: run-relative seconds, no chunk arrays (they stay in histograms)."""
         return {
@@ -162,6 +178,7 @@ class RequestRecord:
             "output_tokens": self.output_tokens,
             "requested_output_tokens": self.requested_output_tokens,
             "chunks": len(self.chunk_s),
+            "itl_s": self.itl_stats(),
             "status": self.status,
             "error": self.error,
             "error_detail": self.error_detail,
