@@ -22,6 +22,7 @@ class RunConfig:
     input_tokens: int = 64
     output_tokens: int = 64
     concurrency_cap: int | None = None
+    concurrency: int | None = None  # closed loop: N streams back to back (no --rate)
     seed: int = 0
     out: Path | None = None
     strict: bool = False
@@ -44,8 +45,13 @@ class RunConfig:
     def problems(self) -> list[str]:
         """Every problem at once, each a one-line message naming the option."""
         out: list[str] = []
-        if self.rate is None:
-            out.append("--rate: required (requests per second, e.g. --rate 50)")
+        if self.concurrency is not None:
+            if self.concurrency < 1:
+                out.append(f"--concurrency: must be >= 1, got {self.concurrency}")
+            if self.rate is not None or self.concurrency_cap is not None:
+                out.append("--concurrency: closed loop sets its own pace; drop --rate/--concurrency-cap")
+        elif self.rate is None:
+            out.append("--rate: required (requests per second, e.g. --rate 50), or --concurrency N")
         else:
             out.extend(f"--{p}" for p in self.arrival_spec().problems())
         if self.duration_s is None and self.requests is None:

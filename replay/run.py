@@ -60,11 +60,13 @@ class _Run:
         self.recorder = Recorder()
         self.requests = RequestLog(run_dir / "requests.jsonl")
         self.timeseries = JsonlWriter(run_dir / "timeseries.jsonl")
-        self.engine = Engine(
-            target,
-            self._sink,
-            EngineOptions(concurrency_cap=cfg.concurrency_cap, drain_timeout_s=cfg.drain_timeout_s),
-        )
+        opts = EngineOptions(concurrency_cap=cfg.concurrency_cap, drain_timeout_s=cfg.drain_timeout_s)
+        if cfg.concurrency:  # closed loop: N streams back to back
+            from replay.closed_loop import ClosedLoopEngine
+
+            self.engine: Engine = ClosedLoopEngine(target, self._sink, opts, cfg.concurrency, cfg.duration_s)
+        else:
+            self.engine = Engine(target, self._sink, opts)
         self.monitor = LoopLagMonitor()
         self.signals = 0
         self.t0 = 0.0
