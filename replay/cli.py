@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import sys
 import time
@@ -38,6 +39,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input-tokens", type=int, default=64)
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--concurrency-cap", type=int, default=None, help="at most C in flight; waits are counted")
+    p.add_argument("--concurrency", type=int, default=None, help="closed loop: N back-to-back streams")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<stamp>-<target>/)")
     p.add_argument("--strict", action="store_true", help="exit 1 when the generator fell behind")
@@ -73,6 +75,7 @@ def _config(ns: argparse.Namespace) -> RunConfig:
         input_tokens=ns.input_tokens,
         output_tokens=ns.output_tokens,
         concurrency_cap=ns.concurrency_cap,
+        concurrency=ns.concurrency,
         seed=ns.seed,
         out=ns.out,
         strict=ns.strict,
@@ -106,7 +109,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         cfg.seed, DEFAULT_LOW_ID, min(vocab, DEFAULT_HIGH_ID) if vocab else DEFAULT_HIGH_ID
     )
     sched = schedule.synthetic(
-        arrivals.offsets(cfg.arrival_spec(), cfg.seed),
+        itertools.repeat(0.0) if cfg.concurrency else arrivals.offsets(cfg.arrival_spec(), cfg.seed),
         input_tokens=cfg.input_tokens,
         output_tokens=cfg.output_tokens,
         prompts=prompts,
@@ -114,6 +117,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
         max_requests=cfg.requests,
     )
     offered = arrivals.mean_rate(cfg.arrival_spec(), cfg.duration_s) if cfg.duration_s else cfg.rate
+    if cfg.concurrency:
+        offered = None  # closed loop: the server sets the pace
     result = run_in_uvloop(execute(cfg, target, sched, run_dir, offered))
     print(console_table(result.summary))
     print(f"run directory: {result.run_dir}")
