@@ -105,10 +105,15 @@ class TraceFile:
         self.stats = LoadStats()
         self._noticed: set[str] = set()
         self.timed = bool(FORMATS[self.format].timed)
+        self.lengths_estimated = self.format == "sharegpt" and count_tokens is None
+        if self.format == "replay":  # our header says whether arrivals and lengths are real
+            with open(self.path, "rb") as fh:
+                head = parse_header(fh.readline().lstrip(b"\xef\xbb\xbf"), f"{self.path}:1")
+            self.timed = bool(head.get("timed", True))
+            self.lengths_estimated = bool(head.get("lengths_estimated", False))
         if self.format == "vidur":  # length-only Vidur files have no arrival column
             with open(self.path, encoding="utf-8-sig", newline="") as fh:
                 self.timed = "arrived_at" in [c.strip() for c in next(csv.reader(fh), [])]
-        self.lengths_estimated = self.format == "sharegpt" and count_tokens is None
 
     def __iter__(self) -> Iterator[TraceRecord]:
         return self._records()
@@ -151,7 +156,8 @@ class TraceFile:
             yield rec
         for msg in getattr(parser, "notices", []):
             self._say(f"{where}: {msg}", stats)
-        self.timed = bool(parser.timed)
+        if self.format != "replay":
+            self.timed = bool(parser.timed)
         self.stats = stats
 
     def _bad(self, msg: str, stats: LoadStats) -> None:
