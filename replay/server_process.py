@@ -19,6 +19,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -75,6 +76,25 @@ def tail(path: Path, lines: int = _TAIL_LINES, max_bytes: int = 16384) -> list[s
         return []
     text = data.decode("utf-8", errors="replace")
     return [ln.rstrip() for ln in text.splitlines() if ln.strip()][-lines:]
+
+
+_ERROR_LINE = re.compile(r"\b[A-Z]\w*(Error|Exception): ")
+
+
+def first_error_line(path: Path, max_bytes: int = 262144) -> str | None:
+    """The first `SomeError: ...` line in the log's last `max_bytes`: for a server whose start-up
+    failed in a child (vLLM's engine core), the root cause, which the last lines only point to."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if _ERROR_LINE.search(line) and " WARNING " not in line:
+            return line.strip()[:500]
+    return None
 
 
 # --- safety net: every live server is stopped at interpreter exit or on SIGTERM/SIGHUP ------------
@@ -275,7 +295,9 @@ class ServerProcess:
     def _failure(self, what: str) -> str:
         lines = self.tail()
         last = "".join(f"\n  | {ln}" for ln in lines) if lines else " (log is empty)"
-        return f"{self.name} {what}; log: {self.log_path}; last lines:{last}"
+        cause = first_error_line(self.log_path)
+        first = f"; first error: {cause}" if cause and cause not in lines else ""
+        return f"{self.name} {what}{first}; log: {self.log_path}; last lines:{last}"
 
     def _group_members(self, pgid: int) -> list[psutil.Process]:
         out = []
