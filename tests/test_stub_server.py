@@ -1,0 +1,189 @@
+"""The stub server: vLLM-shaped streams, its schedule, FIFO queueing, truth, faults, HTTP plumbing."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from replay.errors import ReplayError
+from replay.stub_server import Fault, StubProcess, start_stub
+from replay.stub_truth import parse_fault_rule
+from replay.targets.sse import SSEDecoder
+
+
+async def stream(session: aiohttp.ClientSession, url: str, body: dict[str, Any],
+                 headers: dict[str, str] | None = None) -> tuple[float, list[tuple[float, Any]]]:  # fmt: skip
+    """POST and return (send time, [(read time, parsed event)]) with [DONE] as the string."""
+    dec = SSEDecoder()
+    events: list[tuple[float, Any]] = []
+    t0 = time.perf_counter()
+    async with session.post(url, json=body, headers=headers) as resp:
+        assert resp.status == 200 and resp.content_type == "text/event-stream"
+        async for data in resp.content.iter_any():
+            t = time.perf_counter()
+            events += [(t, p if p == "[DONE]" else orjson.loads(p)) for p in dec.feed(data)]
+    return t0, events
+
+
+def body(n: int = 8, chat: bool = False, continuous: bool = True, **kw: Any) -> dict[str, Any]:
+    opts = {"include_usage": True, "continuous_usage_stats": continuous}
+    b: dict[str, Any] = {"model": "stub-model", "max_tokens": n, "stream": True, "stream_options": opts}
+    if chat:
+        b["messages"] = [{"role": "user", "content": "a b c"}]
+    else:
+        b["prompt"] = [1, 2, 3, 4]
+    b.update(kw)
+    return b
+
+
+async def test_completion_stream_shape_and_schedule() -> None:
+    async with start_stub(ttft_s=0.02, itl_s=0.005, tokens_per_chunk=3, continuous_usage=True) as stub, \
+            aiohttp.ClientSession() as s:  # fmt: skip
+        t0, ev = await stream(s, stub.base_url + "/completions", body(n=8))
+    content = [(t, e) for t, e in ev if isinstance(e, dict) and e["choices"]]
+    # 8 tokens in chunks of 3: 3, 3, 2; continuous usage counts up; the last has finish_reason.
+    assert [e["choices"][0]["text"] for _, e in content] == [" tok" * 3, " tok" * 3, " tok" * 2]
+    assert [e["usage"]["completion_tokens"] for _, e in content] == [3, 6, 8]
+    assert [e["choices"][0]["finish_reason"] for _, e in content] == [None, None, "length"]
+    final = ev[-2][1]
+    assert final["choices"] == [] and final["usage"] == {"prompt_tokens": 4, "total_tokens": 12,
+                                                         "completion_tokens": 8}  # fmt: skip
+    assert ev[-1][1] == "[DONE]"
+    # Chunk j at 20 ms + j * 3 * 5 ms from receipt (absolute schedule).
+    times = [t - t0 for t, _ in content]
+    for got, want in zip(times, [0.020, 0.035, 0.050], strict=True):
+        assert want <= got < want + 0.004, times
+
+
+async def test_chat_stream_shape_and_usage_switches() -> None:
+    async with start_stub(continuous_usage=False) as stub, aiohttp.ClientSession() as s:
+        _, ev = await stream(s, stub.base_url + "/chat/completions", body(n=2, chat=True))
+        deltas = [e["choices"][0]["delta"] for _, e in ev if isinstance(e, dict) and e["choices"]]
+        assert deltas == [{"role": "assistant", "content": ""}, {"content": " tok"}, {"content": " tok"}]
+        # continuous_usage_stats is not honoured unless the stub is told to; include_usage is.
+        assert [("usage" in e) for _, e in ev[:-1]] == [False, False, False, True]
+        assert ev[-2][1]["usage"]["prompt_tokens"] == 3  # words
+        _, ev = await stream(s, stub.base_url + "/chat/completions", body(n=2, chat=True, stream_options={}))
+        assert all("usage" not in e for _, e in ev[:-1])
+
+
+async def test_queueing_under_max_concurrency_is_fifo_and_known() -> None:
+    """C=2, six requests at once, 10 tokens (service 20 + 9*5 = 65 ms): TTFT 20, 20, 85, 85, 150, 150 ms."""
+    async with start_stub(ttft_s=0.02, itl_s=0.005, max_concurrency=2) as stub, aiohttp.ClientSession() as s:
+        res = await asyncio.gather(*[stream(s, stub.base_url + "/completions", body(n=10)) for _ in range(6)])
+        truth = stub.truth.summary(detail=True)
+    ttfts = sorted(ev[0][0] - t0 for t0, ev in res)
+    for got, want in zip(ttfts, [0.020, 0.020, 0.085, 0.085, 0.150, 0.150], strict=True):
+        assert want <= got < want + 0.005, ttfts
+    assert truth["served"] == 6 and truth["queue_ms"]["count"] == 6
+    assert 129.0 <= truth["queue_ms"]["max"] < 135.0
+    served_ttft = sorted((first - recv) * 1e3 for recv, _, first, _, _ in truth["requests"])
+    assert 149.0 <= served_ttft[-1] < 155.0 and 19.9 <= served_ttft[0] < 22.0
+
+
+async def test_truth_endpoint_and_reset() -> None:
+    async with start_stub(ttft_s=0.01, itl_s=0.002) as stub, aiohttp.ClientSession() as s:
+        for _ in range(3):
+            await stream(s, stub.base_url + "/completions", body(n=5))
+        async with s.get(f"http://127.0.0.1:{stub.port}/stub/truth") as r:
+            truth = await r.json()
+        assert truth["served"] == 3 and truth["count"] == 3 and truth["tokens"] == 15
+        assert truth["itl_ms"]["count"] == 12 and 1.9 <= truth["itl_ms"]["p50"] < 3.0
+        assert 9.9 <= truth["ttft_ms"]["p50"] < 12.0
+        assert truth["late_ms"]["count"] == 15 and truth["hdr"]["ttft"].startswith("HISTF")
+        async with s.post(f"http://127.0.0.1:{stub.port}/stub/reset") as r:
+            assert r.status == 200
+        async with s.get(f"http://127.0.0.1:{stub.port}/stub/truth") as r:
+            truth = await r.json()
+        assert truth["served"] == 0 and truth["ttft_ms"]["p50"] is None
+
+
+async def test_routes_and_errors() -> None:
+    async with start_stub(vllm=False) as stub, aiohttp.ClientSession() as s:
+        root = f"http://127.0.0.1:{stub.port}"
+        async with s.get(root + "/v1/models") as r:
+            models = await r.json()
+        assert models["data"][0]["id"] == "stub-model" and models["data"][0]["owned_by"] == "stub"
+        for path, status in [("/health", 200), ("/version", 404), ("/nope", 404), ("/metrics", 200)]:
+            async with s.get(root + path) as r:
+                assert r.status == status, path
+        async with s.post(root + "/v1/completions", data=b"{not json") as r:
+            assert r.status == 400
+        async with s.post(root + "/v1/completions", json=body(model="other")) as r:
+            assert r.status == 404 and "does not exist" in (await r.json())["message"]
+        async with s.post(root + "/v1/completions", json={"prompt": "a b", "max_tokens": 3}) as r:
+            whole = await r.json()  # not streamed: one JSON body after the whole schedule
+        assert whole["choices"][0]["text"] == " tok" * 3 and whole["usage"]["completion_tokens"] == 3
+        async with s.post(root + "/v1/completions", json=body(), headers={"x-stub-fault": "http_503"}) as r:
+            assert r.status == 503
+    async with start_stub(vllm=True) as stub, aiohttp.ClientSession() as s, \
+            s.get(f"http://127.0.0.1:{stub.port}/version") as r:  # fmt: skip
+        assert (await r.json())["version"]
+
+
+async def test_keep_alive_and_pipelining_on_one_connection() -> None:
+    async with start_stub(ttft_s=0.001, itl_s=0.001) as stub:
+        reader, writer = await asyncio.open_connection("127.0.0.1", stub.port)
+        payload = orjson.dumps(body(n=2))
+        one = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))  # fmt: skip
+        writer.write(one + one + b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), 5)  # until the server closes after the third
+        writer.close()
+    assert data.count(b"HTTP/1.1 200 OK") == 3 and data.count(b"data: [DONE]") == 2
+    assert stub.truth.served == 2
+
+
+async def test_client_disconnect_frees_the_slot() -> None:
+    async with start_stub(ttft_s=0.01, itl_s=0.05, max_concurrency=1) as stub, aiohttp.ClientSession() as s:
+        resp = await s.post(stub.base_url + "/completions", json=body(n=100))
+        await resp.content.readany()
+        resp.close()  # walk away mid-stream
+        t0, ev = await asyncio.wait_for(stream(s, stub.base_url + "/completions", body(n=2)), 2)
+        assert ev[0][0] - t0 < 0.05  # admitted at once, not after the abandoned stream's 5 s
+        assert stub.truth.disconnected == 1
+
+
+@pytest.mark.parametrize(
+    ("spec", "fault"),
+    [("http_500", Fault("http", status=500)), ("reset@3", Fault("reset", 3)), ("truncate", Fault("truncate")),
+     ("malformed@0", Fault("malformed")), ("stall@2:1.5", Fault("stall", 2, stall_s=1.5))],
+)  # fmt: skip
+def test_fault_specs(spec: str, fault: Fault) -> None:
+    assert Fault.parse(spec) == fault
+
+
+def test_bad_fault_specs() -> None:
+    for bad in ["boom", "stall@2", "http_5000", "reset@x"]:
+        with pytest.raises(ReplayError, match="fault"):
+            Fault.parse(bad)
+    assert parse_fault_rule("stall@2:1.5:0.25") == (Fault("stall", 2, stall_s=1.5), 0.25)
+    with pytest.raises(ReplayError, match="probability"):
+        parse_fault_rule("reset@2:1.5")
+
+
+def test_cli_process_serves_and_stops() -> None:
+    with StubProcess(["--ttft-ms", "5", "--itl-ms", "1", "--vllm"]) as p:
+
+        async def go() -> dict[str, Any]:
+            async with aiohttp.ClientSession() as s:
+                _, ev = await stream(s, p.base_url + "/completions", body(n=4))
+                assert ev[-1][1] == "[DONE]"
+                async with s.get(f"http://127.0.0.1:{p.port}/stub/truth") as r:
+                    return await r.json()
+
+        truth = asyncio.run(go())
+        assert truth["served"] == 1 and truth["tokens"] == 4
+        proc = p.proc
+    assert proc is not None and proc.returncode == 0
+    bad = subprocess.run([sys.executable, "-m", "replay.stub_server", "--fault", "boom:0.1"],
+                         capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert bad.returncode == 2 and bad.stderr.startswith("error: fault: bad spec")
+    assert "Traceback" not in bad.stderr
