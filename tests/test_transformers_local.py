@@ -94,8 +94,9 @@ async def test_exact_lengths_and_plausible_timings(target: TransformersLocalTarg
         assert len(itls) == n_out - 1
         assert all(0 < x < 1.0 for x in itls), itls  # one token per update: every gap is real
     d = target.describe()
-    assert d["device"] == "cpu" and d["dtype"] == "float32" and d["warmup_s"] is not None
-    assert d["batching"]["max_batch_tokens"] == 512 and d["batching"]["num_blocks"] > 0
+    assert d["warmup_s"] is not None and d["batching"]["num_blocks"] > 0
+    if d["device"] == "cpu":  # CPU defaults; on an accelerator transformers sizes these itself
+        assert d["dtype"] == "float32" and d["batching"]["max_batch_tokens"] == 512
 
 
 async def test_eos_is_ignored(model_dir: Path, tmp_path: Path) -> None:

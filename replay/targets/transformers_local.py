@@ -30,6 +30,8 @@ from replay.record import ERROR, OK, Request, RequestRecord
 CPU_KV_CACHE_GIB = 1.0
 CPU_MAX_BATCH_TOKENS = 512
 WATCHDOG_PERIOD_S = 0.25
+# The parts of transformers' continuous batching we rely on (its API moved fast through 5.x).
+_MANAGER_API = ("register_result_handler", "add_request", "cancel_request", "output_router", "warmup")
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,6 +144,14 @@ class TransformersLocalTarget:
         # eos_token_id=-1 disables EOS: every request runs to exactly max_new_tokens.
         gen = GenerationConfig(do_sample=False, eos_token_id=-1, max_new_tokens=16)
         manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
+        missing = [a for a in _MANAGER_API if not hasattr(manager, a)]
+        if missing:
+            import transformers
+
+            raise ReplayError(
+                f"transformers {transformers.__version__}: continuous batching lacks {', '.join(missing)}; "
+                "the transformers target needs transformers >= 5.19"
+            )
         manager.warmup()  # builds the paged cache (and graphs on CUDA) before the clock matters
         manager.start()
         self._model, self._manager = model, manager
