@@ -20,6 +20,7 @@ from hdrh.histogram import HdrHistogram
 
 from replay import histogram as H
 from replay.config import RunConfig
+from replay.drift import DriftTracker
 from replay.recorder import METRICS, Counts
 from replay.report import build_summary
 from replay.run import EXIT_INTERRUPTED, EXIT_NO_SUCCESS, EXIT_OK, EXIT_UNTRUSTED, RunResult, versions
@@ -121,6 +122,8 @@ class IntervalMerger:
         self._last_k = dict.fromkeys(range(workers), -1)
         self._done: set[int] = set()
         self._pending: dict[int, list[IntervalReport]] = {}
+        self.drift = DriftTracker(interval_s)
+        self.rss_peak_mb = 0.0  # peak over intervals of the workers' summed RSS
         self.written = 0
 
     def add(self, rep: IntervalReport) -> None:
@@ -151,25 +154,30 @@ class IntervalMerger:
         start = k * self.interval_s
         length = max(r.length_s for r in reps)
         self.hlog.write(start, length, hists)
-        self.timeseries.write(
-            {
-                "t_s": round(start + length, 3),
-                "interval_s": round(length, 3),
-                "scheduled": counts.scheduled,
-                "ok": counts.ok,
-                "errors": sum(counts.errors.values()),
-                "error_kinds": dict(counts.errors),
-                "not_sent": sum(counts.not_sent.values()),
-                "req_s": round(counts.ok / length, 3),
-                "output_tok_s": round(counts.output_tokens / length, 1),
-                "in_flight": sum(r.in_flight for r in reps),
-                "waiting_for_cap": sum(r.waiting_for_cap for r in reps),
-                "ttft_p50_ms": H.summary_ms(hists["ttft"])["p50"],
-                "ttft_p99_ms": H.summary_ms(hists["ttft"])["p99"],
-                "itl_p99_ms": H.summary_ms(hists["itl"])["p99"],
-                "workers": len(reps),
-            }
-        )
+        rss = sum(r.rss_mb for r in reps)
+        row = {
+            "t_s": round(start + length, 3),
+            "interval_s": round(length, 3),
+            "scheduled": counts.scheduled,
+            "ok": counts.ok,
+            "errors": sum(counts.errors.values()),
+            "error_kinds": dict(counts.errors),
+            "not_sent": sum(counts.not_sent.values()),
+            "req_s": round(counts.ok / length, 3),
+            "output_tok_s": round(counts.output_tokens / length, 1),
+            "in_flight": sum(r.in_flight for r in reps),
+            "waiting_for_cap": sum(r.waiting_for_cap for r in reps),
+            "ttft_p50_ms": H.summary_ms(hists["ttft"])["p50"],
+            "ttft_p99_ms": H.summary_ms(hists["ttft"])["p99"],
+            "itl_p99_ms": H.summary_ms(hists["itl"])["p99"],
+            "workers": len(reps),
+            # Summed over workers, as for one process with that many cores.
+            "client.rss_mb": round(rss, 1),
+            "client.cpu_percent": round(sum(r.cpu_percent for r in reps), 1),
+        }
+        self.rss_peak_mb = max(self.rss_peak_mb, rss)
+        self.drift.add(hists, row)
+        self.timeseries.write(row)
         self.timeseries.flush()
         self.written += 1
 
@@ -214,6 +222,7 @@ def finish_run(
     interrupted: bool,
     target: dict[str, Any],
     executor: dict[str, Any],
+    merger: IntervalMerger | None = None,
     bounds: Bounds | None = None,
 ) -> RunResult:
     """Merge the workers' results into summary.json, in the one-process form plus a `workers` section."""
@@ -233,11 +242,17 @@ def finish_run(
         offered_rate=offered_rate,
         partial=partial,
         error_examples=merge_examples(results),
-        extra={"workers": {**executor, "count": executor.get("count", len(results)), "each": entries}},
+        extra={
+            "workers": {**executor, "count": executor.get("count", len(results)), "each": entries},
+            "drift": merger.drift.verdict() if merger else {"verdict": "too_short", "detail": "no intervals"},
+            "client": {"rss_peak_mb": round(merger.rss_peak_mb, 1) if merger else None},
+        },
     )
     (run_dir / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
-    if partial:
+    if interrupted:
         code = EXIT_INTERRUPTED
+    elif lost or partial:  # a worker died or was stopped on its own: the figures are incomplete
+        code = EXIT_UNTRUSTED
     elif counts.scheduled and counts.ok == 0:
         code = EXIT_NO_SUCCESS
     elif cfg.strict and not selfcheck["trustworthy"]:

@@ -171,6 +171,8 @@ def execute_ray(
     """
     ray = _connect(address)
     n = workers or cluster_nodes()
+    if cfg.concurrency:  # closed loop: every worker needs at least one stream
+        n = min(n, cfg.concurrency)
     run_dir.mkdir(parents=True, exist_ok=True)
     remote_cls = ray.remote(num_cpus=1, max_concurrency=4)(ShardActor)
     actors = [
@@ -250,6 +252,7 @@ def execute_ray(
         offered_rate=offered_rate,
         interrupted=signals[0] > 0,
         target=target_info or (ordered[0].target if ordered else {}),
+        merger=merger,
         executor={
             "mode": "ray",
             "count": n,

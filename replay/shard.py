@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import socket
 import time
@@ -22,6 +23,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from replay import arrivals, schedule
 from replay import histogram as H
@@ -51,6 +54,7 @@ class SyntheticSchedule:
     max_requests: int | None
     low_id: int = DEFAULT_LOW_ID
     high_id: int = DEFAULT_HIGH_ID
+    closed_loop: bool = False  # intended times are all 0: streams send back to back
 
     @classmethod
     def from_config(cls, cfg: RunConfig, vocab_size: int | None = None) -> SyntheticSchedule:
@@ -64,11 +68,13 @@ class SyntheticSchedule:
             duration_s=cfg.duration_s,
             max_requests=cfg.requests,
             high_id=high,
+            closed_loop=bool(cfg.concurrency),
         )
 
     def __call__(self, index: int = 0, count: int = 1) -> Iterator[Request]:
+        offsets = itertools.repeat(0.0) if self.closed_loop else arrivals.offsets(self.arrival, self.seed)
         return schedule.synthetic(
-            arrivals.offsets(self.arrival, self.seed),
+            offsets,
             input_tokens=self.input_tokens,
             output_tokens=self.output_tokens,
             prompts=PromptBuilder(self.seed, self.low_id, self.high_id),
@@ -116,6 +122,8 @@ class IntervalReport:
     counts: Counts
     in_flight: int
     waiting_for_cap: int
+    rss_mb: float = 0.0
+    cpu_percent: float = 0.0  # this worker's CPU over the interval (100 = one core)
 
 
 @dataclass
@@ -157,6 +165,7 @@ class ShardRunner:
         self._started_target = False
         self._requests: RequestLog | None = None
         self._next_k = 0  # the interval now open
+        self._proc = psutil.Process()
 
     async def prepare(self) -> None:
         """Build and start this worker's target and schedule before the shared start time is fixed."""
@@ -169,16 +178,19 @@ class ShardRunner:
         self._started_target = True
         self._requests = RequestLog(Path(self.spec.requests_path))
         self._schedule = iter(self.spec.schedule(self.spec.index, self.spec.count))
-        cfg = self.spec.cfg
-        self.engine = Engine(
-            self.target,
-            self._sink,
-            EngineOptions(
-                concurrency_cap=split_cap(cfg.concurrency_cap, self.spec.index, self.spec.count),
-                drain_timeout_s=cfg.drain_timeout_s,
-                worker=self.spec.index,
-            ),
+        cfg, w, n = self.spec.cfg, self.spec.index, self.spec.count
+        opts = EngineOptions(
+            concurrency_cap=split_cap(cfg.concurrency_cap, w, n),
+            drain_timeout_s=cfg.drain_timeout_s,
+            worker=w,
         )
+        if cfg.concurrency:  # closed loop: this worker's share of the streams
+            from replay.closed_loop import ClosedLoopEngine
+
+            streams = split_cap(cfg.concurrency, w, n) or 1
+            self.engine = ClosedLoopEngine(self.target, self._sink, opts, streams, cfg.duration_s)
+        else:
+            self.engine = Engine(self.target, self._sink, opts)
 
     def _sink(self, rec: RequestRecord) -> None:
         self.recorder.add(rec)
@@ -206,6 +218,8 @@ class ShardRunner:
                 counts=counts,
                 in_flight=st.in_flight if st else 0,
                 waiting_for_cap=st.waiting_for_cap if st else 0,
+                rss_mb=round(self._proc.memory_info().rss / 2**20, 1),
+                cpu_percent=round(self._proc.cpu_percent(), 1),
             )
         )
 
@@ -222,6 +236,7 @@ class ShardRunner:
         assert self.engine is not None and self._schedule is not None, "prepare() first"
         assert self._requests is not None
         self.t0 = t0
+        self._proc.cpu_percent()  # prime: the first interval reports CPU from here
         monitor = LoopLagMonitor()
         monitor.start()
         ticker = asyncio.ensure_future(self._ticker())

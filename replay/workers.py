@@ -224,6 +224,8 @@ async def execute_workers(
     the caller's to start and stop. `schedule(w, n)` gives worker w's share (`replay.shard`).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.concurrency:  # closed loop: every worker needs at least one stream
+        workers = min(workers, cfg.concurrency)
     ctx = mp.get_context("spawn")
     parts = [run_dir / f"requests-w{w}.jsonl" for w in range(workers)]
     procs, conns = [], []
@@ -284,6 +286,7 @@ async def execute_workers(
         interrupted=hub.signals > 0,
         target=target_info or (results[0].target if results else {}),
         executor={"mode": "processes", "count": workers},
+        merger=hub.merger,
     )
 
 

@@ -1,0 +1,214 @@
+"""`--workers N` end to end: real worker processes, a target with a known schedule, one timeline."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+
+from replay.config import RunConfig
+from replay.errors import ReplayError
+from replay.record import Request, RequestRecord
+from replay.run import execute
+from replay.shard import SyntheticSchedule
+from replay.targets.fake import FakeTarget
+from replay.workers import (
+    REQUESTS_PER_WORKER_S,
+    TOKENS_PER_WORKER_S,
+    auto_workers,
+    execute_workers,
+    resolve_workers,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class StampTarget(FakeTarget):
+    """FakeTarget that also notes each send's absolute perf_counter time (CLOCK_MONOTONIC, shared
+    by every process of the host) in a file per process: the truth for "one timeline"."""
+
+    def __init__(self, stamp_dir: str, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.stamp_path = os.path.join(stamp_dir, f"stamps-{os.getpid()}.txt")
+
+    async def send(self, request: Request, record: RequestRecord) -> None:
+        with open(self.stamp_path, "a") as f:
+            f.write(f"{request.id} {time.perf_counter()!r}\n")
+        await super().send(request, record)
+
+
+class BrokenTarget(FakeTarget):
+    async def start(self) -> None:
+        raise ReplayError("no server at http://127.0.0.1:9")
+
+
+class DyingTarget(FakeTarget):
+    """Kills its worker process outright when it reaches request `die_at` (a crash, not an error)."""
+
+    def __init__(self, die_at: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.die_at = die_at
+
+    async def send(self, request: Request, record: RequestRecord) -> None:
+        if request.id == self.die_at:
+            os._exit(7)
+        await super().send(request, record)
+
+
+def rows(path: Path) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()]
+
+
+CFG = RunConfig(target="fake", rate=150.0, duration_s=2.0, output_tokens=12, interval_s=0.5, seed=7)
+
+
+async def test_two_workers_match_one_process_on_one_timeline(tmp_path: Path) -> None:
+    sched = SyntheticSchedule.from_config(CFG, vocab_size=1000)
+    stamps = tmp_path / "stamps"
+    stamps.mkdir()
+    factory = functools.partial(StampTarget, str(stamps), ttft_s=0.02, itl_s=0.004)
+    one = await execute(CFG, FakeTarget(ttft_s=0.02, itl_s=0.004), sched(), tmp_path / "one", 150.0)
+    two = await execute_workers(CFG, factory, sched, tmp_path / "two", 150.0, workers=2)
+    s1, s2 = one.summary, two.summary
+    assert two.exit_code in (0, 1)  # 1 only if the busy test machine made a worker fall behind
+    # Same requests, same outcome counts, same tokens: nothing lost or doubled by the split.
+    for key in ("scheduled", "ok", "errors", "not_sent"):
+        assert s2["counts"][key] == s1["counts"][key], key
+    assert s2["counts"]["accounted"] and s2["counts"]["scheduled"] == len(list(sched()))
+    assert s2["tokens"] == s1["tokens"]
+    r1 = {r["id"]: r for r in rows(tmp_path / "one" / "requests.jsonl")}
+    r2 = {r["id"]: r for r in rows(tmp_path / "two" / "requests.jsonl")}
+    assert r1.keys() == r2.keys()
+    assert all(r2[i]["intended_s"] == r1[i]["intended_s"] for i in r1)
+    assert {r["worker"] for r in r2.values()} == {0, 1}
+    assert all(r["worker"] == r["id"] % 2 for r in r2.values())
+    # The same known service time measured through either path (HDR: 3 significant digits).
+    for m in ("ttft", "e2e"):
+        assert s2["metrics"][m]["count"] == s1["metrics"][m]["count"]
+        assert abs(s2["metrics"][m]["p50"] - s1["metrics"][m]["p50"]) < 1.0, m
+    assert 20.0 <= s2["metrics"]["ttft"]["p50"] < 21.5
+    # Same summary form as one process, plus the workers section.
+    assert set(s2) == set(s1) | {"workers"} and set(s2["metrics"]) == set(s1["metrics"])
+    each = s2["workers"]["each"]
+    assert [e["index"] for e in each] == [0, 1] and sum(e["scheduled"] for e in each) == s1["counts"][
+        "scheduled"
+    ]
+    assert len({e["pid"] for e in each}) == 2 and os.getpid() not in {e["pid"] for e in each}
+    for e in each:
+        assert (
+            e["dispatch_lag_p99_ms"] is not None
+            and e["loop_lag_p99_ms"] is not None
+            and e["cpu_percent"] >= 0
+        )
+    # One timeline: every send of every worker happened at T0 + intended_s for one T0 (read on the
+    # host's monotonic clock inside the target), so the workers' offsets agree to timer accuracy.
+    sent = {}
+    files = list(stamps.glob("stamps-*.txt"))
+    assert len(files) == 2
+    for f in files:
+        for line in f.read_text().split("\n"):
+            if line:
+                i, t = line.split()
+                sent[int(i)] = float(t)
+    offsets = np.array([sent[i] - r2[i]["intended_s"] for i in sent])
+    workers = np.array([i % 2 for i in sent])
+    med0, med1 = (np.median(offsets[workers == w]) for w in (0, 1))
+    assert abs(med0 - med1) < 0.002
+    assert np.percentile(offsets - min(med0, med1), 50) < 0.002
+    # Intervals: merged per window of the shared timeline, and they add up to the run.
+    ts = rows(tmp_path / "two" / "timeseries.jsonl")
+    assert sum(r["scheduled"] for r in ts) == s2["counts"]["scheduled"]
+    assert [r["t_s"] for r in ts[:4]] == [0.5, 1.0, 1.5, 2.0] and all(r["workers"] == 2 for r in ts[:4])
+    assert not list((tmp_path / "two").glob("requests-w*.jsonl"))
+
+
+def test_sigint_to_parent_stops_every_worker_with_a_partial_summary(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    script = textwrap.dedent(
+        f"""
+        import functools, sys
+        from pathlib import Path
+        from replay.config import RunConfig
+        from replay.run import run_in_uvloop
+        from replay.shard import SyntheticSchedule
+        from replay.targets.fake import FakeTarget
+        from replay.workers import execute_workers
+        cfg = RunConfig(target="fake", rate=40.0, duration_s=60.0, output_tokens=8, interval_s=1.0)
+        res = run_in_uvloop(execute_workers(cfg, functools.partial(FakeTarget, ttft_s=0.02, itl_s=0.01),
+                            SyntheticSchedule.from_config(cfg), Path({str(run_dir)!r}), 40.0, workers=2))
+        sys.exit(res.exit_code)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, cwd=ROOT, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (run_dir / "timeseries.jsonl").exists():  # created once every worker is ready
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            assert time.monotonic() < deadline, "workers never started"
+            time.sleep(0.1)
+        time.sleep(2.0)
+        t_sig = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=30)
+        stop_s = time.monotonic() - t_sig
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert rc == 130, proc.stderr.read().decode() if proc.stderr else ""
+    assert stop_s < 15
+    s = orjson.loads((run_dir / "summary.json").read_bytes())
+    c = s["counts"]
+    assert s["partial"] and c["accounted"]
+    # Every scheduled request of the 60 s schedule is accounted for: sent ones as ok, the rest stopped.
+    whole = len(list(SyntheticSchedule.from_config(RunConfig(target="f", rate=40.0, duration_s=60.0))()))
+    assert c["scheduled"] == whole
+    assert c["ok"] > 0 and c["not_sent"]["stopped"] > 0.8 * whole
+    assert all(e["stopped"] for e in s["workers"]["each"])
+    for e in s["workers"]["each"]:  # no worker outlived the run
+        with pytest.raises(ProcessLookupError):
+            os.kill(e["pid"], 0)
+    assert len(rows(run_dir / "requests.jsonl")) == whole
+
+
+async def test_a_worker_that_cannot_start_fails_the_run_in_one_line(tmp_path: Path) -> None:
+    sched = SyntheticSchedule.from_config(CFG)
+    with pytest.raises(ReplayError) as err:
+        await execute_workers(CFG, functools.partial(BrokenTarget), sched, tmp_path, 150.0, workers=2)
+    assert "no server at http://127.0.0.1:9" in str(err.value) and "\n" not in str(err.value)
+
+
+async def test_a_lost_worker_is_named_and_the_run_marked_partial(tmp_path: Path) -> None:
+    sched = SyntheticSchedule.from_config(CFG)
+    factory = functools.partial(DyingTarget, 51, ttft_s=0.01, itl_s=0.002)  # id 51: worker 1
+    res = await execute_workers(CFG, factory, sched, tmp_path, 150.0, workers=2)
+    s = res.summary
+    assert res.exit_code == 1 and s["partial"] and not s["selfcheck"]["trustworthy"]
+    assert any(r.startswith("worker 1 lost") for r in s["selfcheck"]["reasons"])
+    assert [e["index"] for e in s["workers"]["each"]] == [0]
+    assert s["counts"]["scheduled"] == len(list(sched(0, 2)))  # worker 0's share, all accounted
+
+
+def test_auto_workers_by_budget_and_cores() -> None:
+    assert auto_workers(None, 100, cores=8) == 1
+    assert auto_workers(10.0, 100, cores=8) == 1
+    assert auto_workers(TOKENS_PER_WORKER_S / 100 * 2.5, 100, cores=8) == 3
+    assert auto_workers(REQUESTS_PER_WORKER_S * 3.5, 1, cores=8) == 4
+    assert auto_workers(1e6, 1000, cores=2) == 2  # never more than the cores
+    fake, local = FakeTarget(), FakeTarget()
+    local.process_local = True  # type: ignore[attr-defined]
+    assert resolve_workers(None, local, 1e6, 1000) == 1
+    assert resolve_workers(3, fake, 1.0, 1) == 3
+    with pytest.raises(ReplayError, match="--workers"):
+        resolve_workers(2, local, 1.0, 1)
