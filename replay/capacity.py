@@ -1,0 +1,390 @@
+"""Capacity search: the highest open-loop request rate a server sustains while meeting an SLO.
+
+1. Probe (closed loop): concurrency 1, 2, 4, ... until throughput grows by less than
+   `probe_growth` per doubling. Concurrency 1 is the single-request latency baseline; the curve
+   is throughput versus batch; its plateau X_max brackets the answer from above, since no open-loop
+   rate beyond what the server completes at full concurrency keeps a bounded queue.
+2. Search (open loop): bisection on the offered rate in [0, X_max]. The first step is the
+   closed-loop throughput at the highest concurrency whose latencies met the SLO (a free guess
+   that usually lands near the answer); then each step halves the bracket [last pass, first
+   fail] until it is narrower than `tolerance` x the fail rate, or the budget runs out. Why
+   bisection and not secant or model fitting: near capacity the verdict is a noisy step function
+   of rate (p99 and queue growth jump at the knee), which breaks the smoothness interpolation
+   relies on; bisection needs only that passing is (mostly) monotone in rate, gains a fixed bit
+   per step, and its bracket is an honest error bar. Steps are cheap to fail: a live watch ends
+   a step once its verdict is decided (capacity_watch), so steps above the answer cost seconds.
+   Each step is a full open-loop run; requests intended in the first `warmup_s` (and intervals
+   starting then) are left out of its verdict. A step passes when the SLO holds on the rest and
+   the server is not saturated (backlog growth, TTFT trend: capacity_stats.saturation).
+3. Confirmation: the decisive rates (last pass, first fail) run `repeats` more times on fresh
+   seeds; the report shows each run's figures and their spread.
+4. Knee of latency versus offered load (Kneedle), and, given a trace, replicas for its peak.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from replay import arrivals, schedule
+from replay import histogram as H
+from replay.capacity_stats import knee, saturation, window_hists
+from replay.capacity_watch import StepWatch
+from replay.config import RunConfig
+from replay.prompts import DEFAULT_HIGH_ID, DEFAULT_LOW_ID, PromptBuilder
+from replay.record import Request
+from replay.run import execute, versions
+from replay.slo import Slo, goodput, read_requests
+from replay.targets.base import Target
+
+SCHEMA = 1
+CURVE_METRICS = ("ttft", "ttft_intended", "itl", "tpot", "e2e", "e2e_intended")
+
+
+@dataclass(frozen=True)
+class CapacityOptions:
+    slo: Slo
+    target_name: str = "target"
+    input_tokens: int = 64
+    output_tokens: int = 64
+    arrival: str = "poisson"
+    burstiness: float = 1.0
+    step_s: float = 60.0  # one open-loop step, warm-up included
+    warmup_s: float = 10.0
+    probe_s: float = 10.0  # one closed-loop level
+    probe_max_concurrency: int = 256
+    probe_growth: float = 1.1  # a doubling that adds less than 10% throughput ends the probe
+    tolerance: float = 0.05  # stop when (fail - pass) <= tolerance x fail
+    max_steps: int = 12  # open-loop steps, confirmations included
+    max_time_s: float = 3600.0  # whole search, probe included
+    repeats: int = 2  # extra runs at each decisive rate
+    seed: int = 0
+    interval_s: float = 1.0
+    drain_timeout_s: float | None = None  # default: max(5 s, 10x the baseline E2E)
+    knee_metric: str = "ttft_intended"
+    endpoint: str = "completions"
+    model: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["slo"] = self.slo.text
+        return d
+
+
+@dataclass
+class _Budget:
+    max_steps: int
+    max_time_s: float
+    t0: float = field(default_factory=time.monotonic)
+    steps: int = 0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def allows(self, seconds: float) -> bool:
+        return self.steps < self.max_steps and self.elapsed() + seconds <= self.max_time_s
+
+
+class CapacitySearch:
+    def __init__(
+        self, target: Target, opts: CapacityOptions, out_dir: Path, log: Callable[[str], None] | None = None
+    ) -> None:
+        if opts.warmup_s >= opts.step_s:
+            raise ValueError("warm-up must be shorter than a step")
+        self.target = target
+        self.opts = opts
+        self.out = out_dir
+        self.log = log or (lambda _msg: None)
+        self.budget = _Budget(opts.max_steps, opts.max_time_s)
+        self.probe: list[dict[str, Any]] = []
+        self.steps: list[dict[str, Any]] = []
+        self.baseline_ttft_s: float | None = None
+        self.drain_s = opts.drain_timeout_s or 5.0
+        vocab = getattr(target, "vocab_size", None)
+        self.high_id = min(vocab, DEFAULT_HIGH_ID) if vocab else DEFAULT_HIGH_ID
+
+    # --- runs ------------------------------------------------------------------------------------
+
+    def _schedule(self, offsets: Iterator[float], seed: int, duration_s: float) -> Iterator[Request]:
+        o = self.opts
+        return schedule.synthetic(
+            offsets,
+            input_tokens=o.input_tokens,
+            output_tokens=o.output_tokens,
+            prompts=PromptBuilder(seed, DEFAULT_LOW_ID, self.high_id),  # fresh prompts: no cache reuse
+            duration_s=duration_s,
+            max_requests=None,
+        )
+
+    def _cfg(self, seed: int, **kw: Any) -> RunConfig:
+        o = self.opts
+        return RunConfig(
+            target=o.target_name,
+            input_tokens=o.input_tokens,
+            output_tokens=o.output_tokens,
+            seed=seed,
+            interval_s=o.interval_s,
+            drain_timeout_s=self.drain_s,
+            endpoint=o.endpoint,
+            model=o.model,
+            quiet=True,
+            **kw,
+        )
+
+    async def _probe_level(self, c: int) -> dict[str, Any]:
+        o = self.opts
+        seed = o.seed + c
+        run_dir = self.out / "probe" / f"c{c:03d}"
+        cfg = self._cfg(seed, concurrency=c, duration_s=o.probe_s)
+        sched = self._schedule(itertools.repeat(0.0), seed, o.probe_s)
+        await execute(cfg, self.target, sched, run_dir, None, manage_target=False)
+        w0 = 0.2 * o.probe_s  # first fifth: filling the pipeline
+        lines = list(read_requests(run_dir / "requests.jsonl"))
+        done = [ln for ln in lines if ln["status"] == "ok" and w0 <= (ln["end_s"] or 0) < o.probe_s]
+        gp = goodput(lines, o.slo, w0)
+        hists = window_hists(run_dir, w0)
+        verdict = o.slo.evaluate(hists, gp.scheduled, gp.failed)
+        level = {
+            "concurrency": c,
+            "run_dir": str(run_dir.relative_to(self.out)),
+            "throughput_req_s": round(len(done) / (o.probe_s - w0), 4),
+            "output_tok_s": round(sum(ln["output_tokens"] for ln in done) / (o.probe_s - w0), 2),
+            "error_rate": round(gp.failed / gp.scheduled, 6) if gp.scheduled else None,
+            "slo_met": verdict.passed,
+            "verdict": verdict.to_json(),
+            "latency_ms": _latency(hists),
+        }
+        self.log(
+            f"probe c={c}: {level['throughput_req_s']:.3g} req/s, ttft p50 "
+            f"{level['latency_ms']['ttft']['p50']} ms, SLO {'met' if verdict.passed else 'missed'}"
+        )
+        return level
+
+    async def _open_step(self, rate: float, phase: str) -> dict[str, Any]:
+        o = self.opts
+        idx = len(self.steps)
+        seed = o.seed + 1000 + idx
+        run_dir = self.out / "steps" / f"{idx:02d}-{phase}-{rate:.4g}rps"
+        cfg = self._cfg(seed, rate=rate, duration_s=o.step_s, arrival=o.arrival, burstiness=o.burstiness)
+        spec = cfg.arrival_spec()
+        watch = StepWatch(self.target, o.slo, o.warmup_s, rate * (o.step_s - o.warmup_s))
+        sched = watch.gate(self._schedule(arrivals.offsets(spec, seed), seed, o.step_s))
+        t_start = time.monotonic()
+        monitor = asyncio.ensure_future(watch.monitor())
+        try:
+            res = await execute(cfg, watch, sched, run_dir, rate, manage_target=False)
+        finally:
+            monitor.cancel()
+        self.budget.steps += 1
+        step = self._analyse(run_dir, rate, seed, phase, watch.abort_reason, res.summary)
+        step["wall_s"] = round(time.monotonic() - t_start, 2)
+        self.steps.append(step)
+        why = "" if step["passed"] else " — " + "; ".join(step["reasons"])
+        self.log(f"step {idx} ({phase}) {rate:.4g} req/s: {'PASS' if step['passed'] else 'FAIL'}{why}")
+        self.write()
+        return step
+
+    def _analyse(
+        self, run_dir: Path, rate: float, seed: int, phase: str, aborted: str | None, summary: dict[str, Any]
+    ) -> dict[str, Any]:
+        o = self.opts
+        w0, w1 = o.warmup_s, o.step_s
+        lines = list(read_requests(run_dir / "requests.jsonl"))
+        hists = window_hists(run_dir, w0)
+        gp = goodput(lines, o.slo, w0, w1)
+        verdict = o.slo.evaluate(hists, gp.scheduled, gp.failed)
+        sat = saturation(lines, w0, w1, self.baseline_ttft_s)
+        reasons = verdict.failures() + list(sat.reasons)
+        if aborted:
+            reasons.insert(0, f"stopped early: {aborted}")
+        ok_in_window = [ln for ln in lines if ln["status"] == "ok" and w0 <= ln["intended_s"] < w1]
+        return {
+            "index": len(self.steps),
+            "phase": phase,
+            "rate_req_s": rate,
+            "seed": seed,
+            "run_dir": str(run_dir.relative_to(self.out)),
+            "passed": verdict.passed and not sat.saturated and not aborted,
+            "reasons": reasons,
+            "aborted": aborted,
+            "verdict": verdict.to_json(),
+            "goodput": gp.to_json(),
+            "achieved_req_s": round(len(ok_in_window) / gp.span_s, 4) if gp.span_s else None,
+            "saturation": sat.to_json(),
+            "latency_ms": _latency(hists),
+            "trustworthy": summary["selfcheck"]["trustworthy"],
+        }
+
+    # --- the search ------------------------------------------------------------------------------
+
+    async def run(self) -> dict[str, Any]:
+        """Start the target, probe, search, confirm; return (and write) the capacity document."""
+        await self.target.start()
+        try:
+            return await self._run()
+        finally:
+            await self.target.close()
+
+    async def _run(self) -> dict[str, Any]:
+        o = self.opts
+        self.result: dict[str, Any] = {}
+        c, prev, saturated = 1, 0.0, False
+        while c <= o.probe_max_concurrency and self.budget.elapsed() + o.probe_s <= o.max_time_s:
+            level = await self._probe_level(c)
+            self.probe.append(level)
+            if c == 1:
+                self.baseline_ttft_s = (level["latency_ms"]["ttft"]["p50"] or 0) / 1000
+                e2e = (level["latency_ms"]["e2e"]["p50"] or 0) / 1000
+                self.drain_s = o.drain_timeout_s or max(5.0, 10 * e2e)
+            x = level["throughput_req_s"]
+            if (level["error_rate"] or 0) > 0.5:
+                break
+            if prev and x < o.probe_growth * prev:
+                saturated = True
+                break
+            prev = max(prev, x)
+            c *= 2
+        if not self.probe:
+            return self._finish(0.0, None, "time budget ended before the probe")
+        x_max = max(lv["throughput_req_s"] for lv in self.probe)
+        base = self.probe[0]
+        if not base["slo_met"] and _latency_fails(base):
+            return self._finish(0.0, None, "the SLO is missed even one request at a time (probe c=1)")
+        if x_max <= 0:
+            return self._finish(0.0, None, "no request succeeded in the probe")
+        lo, hi, hi_tested = 0.0, x_max, False
+        if not saturated:  # throughput still grew at the last level: find a failing rate first
+            r = x_max
+            while self.budget.allows(o.step_s):
+                if not (await self._open_step(r, "expand"))["passed"]:
+                    hi, hi_tested = r, True
+                    break
+                lo, r = r, 2 * r
+            else:
+                return self._finish(lo, None, "budget ended before a failing rate was found")
+        met = [lv["throughput_req_s"] for lv in self.probe if lv["slo_met"]]
+        guess = max(met) if met else hi / 2
+        r = min(max(guess, lo + 0.25 * (hi - lo)), lo + 0.9 * (hi - lo))
+        stop = "converged"
+        while True:
+            if not self.budget.allows(o.step_s):
+                stop = "budget"
+                break
+            if (await self._open_step(r, "search"))["passed"]:
+                lo = r
+            else:
+                hi, hi_tested = r, True
+            if lo > 0 and hi - lo <= o.tolerance * hi:
+                break
+            if lo == 0 and hi < x_max / 32:
+                stop = "no rate met the SLO"
+                break
+            r = (lo + hi) / 2
+        for rate in (lo, hi) if lo > 0 else (hi,):
+            tested = any(s["rate_req_s"] == rate for s in self.steps)
+            for _ in range(o.repeats if tested else max(1, o.repeats)):
+                if not self.budget.allows(o.step_s):
+                    break
+                await self._open_step(rate, "confirm")
+        if not hi_tested and any(s["rate_req_s"] == hi for s in self.steps):
+            hi_tested = True
+        return self._finish(lo, hi if hi_tested else None, stop, x_max=x_max)
+
+    # --- results ---------------------------------------------------------------------------------
+
+    def _finish(self, lo: float, hi: float | None, stop: str, x_max: float | None = None) -> dict[str, Any]:
+        runs = {r: [s for s in self.steps if s["rate_req_s"] == r] for r in (lo, hi) if r}
+        confirmed = all(s["passed"] for s in runs.get(lo, [])) and all(
+            not s["passed"] for s in runs.get(hi, [])
+        )
+        pts: dict[float, list[float]] = {}
+        for s in self.steps:
+            v = s["latency_ms"][self.opts.knee_metric]["p99"]
+            if v is not None:
+                pts.setdefault(s["rate_req_s"], []).append(v)
+        k = knee([(r, statistics.median(v)) for r, v in pts.items()])
+        at_lo = runs.get(lo, [])
+        self.result = {
+            "max_slo_rate_req_s": round(lo, 4),
+            "first_fail_rate_req_s": None if hi is None else round(hi, 4),
+            "resolution": None if not (lo and hi) else round((hi - lo) / hi, 4),
+            "stop_reason": stop,
+            "confirmed": bool(lo) and confirmed,
+            "decisive": {str(round(r, 4)): _spread(v) for r, v in runs.items()},
+            "goodput_at_max_req_s": _median([s["goodput"]["goodput_req_s"] for s in at_lo]),
+            "attainment_at_max": _median([s["goodput"]["attainment"] for s in at_lo]),
+            "max_throughput_req_s": x_max,
+            "knee": None if k is None else {"rate_req_s": k[0], f"{self.opts.knee_metric}_p99_ms": k[1]},
+            "elapsed_s": round(self.budget.elapsed(), 1),
+            "open_loop_steps": self.budget.steps,
+        }
+        return self.write()
+
+    def document(self) -> dict[str, Any]:
+        base = self.probe[0] if self.probe else None
+        return {
+            "schema": SCHEMA,
+            "kind": "capacity",
+            "slo": self.opts.slo.text,
+            "options": self.opts.to_json(),
+            "target": self.target.describe(),
+            "versions": versions(),
+            "baseline": None if base is None else {"concurrency": 1, "latency_ms": base["latency_ms"]},
+            "probe": self.probe,
+            "steps": self.steps,
+            "result": getattr(self, "result", {}),
+        }
+
+    def write(self) -> dict[str, Any]:
+        doc = self.document()
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "capacity.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+        return doc
+
+
+def _latency(hists: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    keep = ("p50", "p90", "p99", "max", "mean", "count")
+    return {m: {k: v for k, v in H.summary_ms(hists[m]).items() if k in keep} for m in CURVE_METRICS}
+
+
+def _latency_fails(level: dict[str, Any]) -> bool:
+    """Did a latency bound (not the error rate) fail at this probe level?"""
+    return any(not c["ok"] and not c["bound"].startswith("error_rate") for c in level["verdict"]["checks"])
+
+
+def _median(xs: list[Any]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return round(statistics.median(vals), 4) if vals else None
+
+
+def _spread(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Verdicts and per-bound min/max across the runs at one rate."""
+    by_bound: dict[str, list[float]] = {}
+    for s in steps:
+        for c in s["verdict"]["checks"]:
+            if c["measured"] is not None:
+                by_bound.setdefault(c["bound"], []).append(c["measured"])
+    att = [s["goodput"]["attainment"] for s in steps if s["goodput"]["attainment"] is not None]
+    return {
+        "runs": len(steps),
+        "passed": sum(s["passed"] for s in steps),
+        "bounds": {b: {"min": min(v), "max": max(v)} for b, v in by_bound.items()},
+        "attainment": {"min": min(att), "max": max(att)} if att else None,
+    }
+
+
+def is_capacity_dir(path: Path) -> bool:
+    return (path / "capacity.json").is_file()
+
+
+def load_capacity(path: Path) -> dict[str, Any]:
+    doc: dict[str, Any] = orjson.loads((path / "capacity.json").read_bytes())
+    return doc

@@ -1,0 +1,168 @@
+"""The arithmetic behind a capacity search, kept apart from the search loop so it can be tested alone:
+measurement windows of a finished run, saturation signals, the knee, and the replica estimate.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from hdrh.histogram import HdrHistogram
+
+from replay import histogram as H
+from replay.errors import ReplayError
+from replay.recorder import METRICS
+
+
+def window_hists(run_dir: Path, start_s: float) -> dict[str, HdrHistogram]:
+    """Whole-run histograms less the intervals that began before `start_s` (the warm-up).
+
+    Read from intervals.hlog, whose intervals sum exactly to the run total; a record lands in the
+    interval in which it finished, so this drops what finished during the warm-up.
+    """
+    out = {m: H.new() for m in METRICS}
+    path = run_dir / "intervals.hlog"
+    with open(path) as f:
+        for no, line in enumerate(f, 1):
+            if not line.startswith("Tag="):
+                continue
+            try:
+                tag, start, _length, _max, enc = line.rstrip("\n").split(",", 4)
+                name = tag[4:]
+                begin = float(start)
+            except ValueError:
+                raise ReplayError(f"{path}:{no}: not an interval-log line") from None
+            if name in out and begin >= start_s - 1e-6:
+                out[name].add(H.decode(enc))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Saturation:
+    """Signs that the server fell behind the offered rate during a step's measurement window."""
+
+    arrivals: int  # requests intended in the window
+    backlog_start: int  # outstanding (sent, not ended) at the window's start
+    backlog_end: int  # ... at the schedule's end
+    ttft_slope_ms_s: float | None  # least-squares slope of TTFT (from intended) over intended time
+    ttft_rise_ms: float | None  # that slope times the window length
+    saturated: bool
+    reasons: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+def saturation(
+    lines: Sequence[dict[str, Any]], start_s: float, end_s: float, baseline_ttft_s: float | None
+) -> Saturation:
+    """Backlog growth and TTFT trend over [start_s, end_s).
+
+    Open loop at rate λ into a server completing μ < λ per second leaves a backlog growing by
+    (λ - μ) per second, and each request waits longer than the one before. A stable queue
+    fluctuates but does not drift. Rules (either one marks the step saturated):
+      backlog: it grew by more than max(3, 10% of the window's arrivals);
+      TTFT trend: the fitted TTFT rise over the window exceeds 3x the baseline TTFT + 50 ms,
+      and the backlog grew at all.
+    """
+    spans = [(ln["sent_s"], ln["end_s"]) for ln in lines if ln.get("sent_s") is not None and ln.get("end_s")]
+
+    def outstanding(t: float) -> int:
+        return sum(1 for s, e in spans if s <= t < e)
+
+    arrivals = sum(1 for ln in lines if start_s <= ln["intended_s"] < end_s)
+    b0, b1 = outstanding(start_s), outstanding(end_s)
+    pts = [
+        (ln["intended_s"], ln["first_token_s"] - ln["intended_s"])
+        for ln in lines
+        if start_s <= ln["intended_s"] < end_s and ln.get("first_token_s") is not None
+    ]
+    slope = rise = None
+    if len(pts) >= 5:
+        x = np.array([p[0] for p in pts])
+        y = np.array([p[1] for p in pts])
+        if np.ptp(x) > 0:
+            slope = float(np.polyfit(x, y, 1)[0])
+            rise = slope * (end_s - start_s)
+    reasons = []
+    growth = b1 - b0
+    if growth > max(3, 0.1 * arrivals):
+        reasons.append(f"backlog grew from {b0} to {b1} over the window ({arrivals} arrivals)")
+    base = baseline_ttft_s or 0.0
+    if rise is not None and growth > 0 and rise > 3 * base + 0.05:
+        reasons.append(f"TTFT rose {rise * 1000:.0f} ms across the window")
+    return Saturation(
+        arrivals=arrivals,
+        backlog_start=b0,
+        backlog_end=b1,
+        ttft_slope_ms_s=None if slope is None else round(slope * 1000, 3),
+        ttft_rise_ms=None if rise is None else round(rise * 1000, 1),
+        saturated=bool(reasons),
+        reasons=tuple(reasons),
+    )
+
+
+def knee(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
+    """Knee of an increasing latency-vs-load curve (Kneedle: Satopää et al., 2011).
+
+    Both axes are scaled to [0, 1] between the first and last point; the knee is the point
+    farthest below the chord, i.e. maximising x_n - y_n: beyond it latency grows faster than
+    load. None with fewer than three points or no point below the chord.
+    """
+    pts = sorted(points)
+    if len(pts) < 3:
+        return None
+    (x0, y0), (x1, y1) = pts[0], pts[-1]
+    if x1 <= x0 or y1 <= y0:
+        return None
+    best, best_d = None, 0.0
+    for x, y in pts[1:-1]:
+        d = (x - x0) / (x1 - x0) - (y - y0) / (y1 - y0)
+        if d > best_d:
+            best, best_d = (x, y), d
+    return best
+
+
+def peak_window_rate(arrivals_s: Iterable[float], window_s: float, quantile: float) -> dict[str, Any]:
+    """Arrival rate per whole window of `window_s` over [0, D): its `quantile` (nearest rank), max, mean.
+
+    Same convention as `replay trace stats`: D = span * n / (n - 1) (one mean gap past the last
+    arrival), empty windows count as zero, a trailing partial window is left out. A trace shorter
+    than one window gives its mean rate n / D (flagged `short`).
+    """
+    bins: dict[int, int] = {}
+    n = 0
+    last = 0.0
+    for t in arrivals_s:
+        n += 1
+        last = max(last, t)
+        k = int(t // window_s)
+        bins[k] = bins.get(k, 0) + 1
+    if n < 2 or last <= 0:
+        raise ReplayError("replicas: the trace needs at least two timed arrivals")
+    duration = last * n / (n - 1)
+    nwin = int(duration // window_s)
+    if nwin == 0:
+        rate = n / duration
+        return {"windows": 0, "short": True, "peak": rate, "max": rate, "mean": rate, "duration_s": duration}
+    per = np.array([bins.get(i, 0) for i in range(nwin)], dtype=float) / window_s
+    peak = float(np.percentile(per, quantile, method="inverted_cdf"))
+    return {
+        "windows": nwin,
+        "short": False,
+        "peak": peak,
+        "max": float(per.max()),
+        "mean": float(n / duration),
+        "duration_s": duration,
+    }
+
+
+def replicas_needed(peak_rate: float, per_replica_rate: float, headroom: float) -> int | None:
+    """ceil(peak x (1 + headroom) / per-replica max-SLO rate); None when no rate met the SLO."""
+    if per_replica_rate <= 0 or not math.isfinite(per_replica_rate):
+        return None
+    return max(1, math.ceil(peak_rate * (1 + headroom) / per_replica_rate - 1e-9))
