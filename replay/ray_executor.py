@@ -154,7 +154,7 @@ def cluster_nodes() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
-def execute_ray(
+async def execute_ray(
     cfg: RunConfig,
     target_factory: TargetFactory,
     schedule: ScheduleFactory,
@@ -166,8 +166,8 @@ def execute_ray(
 ) -> RunResult:
     """One run split over Ray actors (placed with SPREAD, one CPU each) into `run_dir`.
 
-    `workers=None` means one actor per alive node. Blocking; call it from the main thread (it
-    handles SIGINT/SIGTERM as a local run does: first stops, second cancels in-flight requests).
+    `workers=None` means one actor per alive node. SIGINT/SIGTERM act as in a local run: the
+    first stops every actor (drain, partial summary), the second cancels in-flight requests.
     """
     ray = _connect(address)
     n = workers or cluster_nodes()
@@ -183,39 +183,46 @@ def execute_ray(
     ]
     signals = [0]
 
-    def on_signal(_sig: int, _frame: Any) -> None:
+    def on_signal() -> None:
         signals[0] += 1
         for a in actors:
             (a.stop if signals[0] == 1 else a.cancel).remote()
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
     try:
         try:
-            infos = ray.get([a.prepare.remote() for a in actors], timeout=READY_TIMEOUT_S)
+            infos = await asyncio.wait_for(
+                asyncio.gather(*(_aw(a.prepare.remote()) for a in actors)), READY_TIMEOUT_S
+            )
         except Exception as exc:
             raise ReplayError(f"--ray: workers failed to start: {_one_line(exc)}") from None
-        clocks = [measure_clock(a) for a in actors]
+        if signals[0]:
+            raise ReplayError("--ray: interrupted before the start", exit_code=130)
+        # Blocking round trips in a thread: the driver's event loop must not add to the RTT.
+        clocks = [await asyncio.to_thread(measure_clock, a) for a in actors]
         lead = START_LEAD_S + 0.2 + 3 * max(rtt for _, rtt in clocks)
         start_wall = time.time() + lead
         hlog = IntervalLog(run_dir / "intervals.hlog", start_wall)
         timeseries = JsonlWriter(run_dir / "timeseries.jsonl")
         merger = IntervalMerger(n, hlog, timeseries, cfg.interval_s)
         pending = {
-            a.run.remote(start_wall + off): w
+            asyncio.ensure_future(_aw(a.run.remote(start_wall + off))): w
             for w, (a, (off, _)) in enumerate(zip(actors, clocks, strict=True))
         }
         results: dict[int, WorkerResult] = {}
         lost: list[str] = []
         try:
             while pending:
-                done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=POLL_S)
-                for reps in ray.get([a.drain.remote() for a in actors]):
+                done, _ = await asyncio.wait(list(pending), timeout=POLL_S)
+                for reps in await asyncio.gather(*(_aw(a.drain.remote()) for a in actors)):
                     for rep in reps:
                         merger.add(rep)
-                for ref in done:
-                    w = pending.pop(ref)
+                for fut in done:
+                    w = pending.pop(fut)
                     try:
-                        results[w] = ray.get(ref)
+                        results[w] = fut.result()
                     except Exception as exc:
                         lost.append(f"worker {w} lost: {_one_line(exc)}")
                     merger.worker_done(w)
@@ -226,7 +233,7 @@ def execute_ray(
             timeseries.close()
         parts = [run_dir / f"requests-w{w}.jsonl" for w in range(n)]
         for w, a in enumerate(actors):
-            _copy_requests(ray, a, parts[w])
+            await _copy_requests(a, parts[w])
         for w, r in results.items():
             off, rtt = clocks[w]
             r.extra.update(
@@ -235,11 +242,11 @@ def execute_ray(
                 clock_rtt_ms=round(rtt * 1e3, 3),
             )
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
         for a in actors:
             with contextlib.suppress(Exception):
-                ray.get(a.close.remote(), timeout=30)
+                await asyncio.wait_for(_aw(a.close.remote()), 30)
             with contextlib.suppress(Exception):
                 ray.kill(a)
     merge_request_files(parts, run_dir / "requests.jsonl")
@@ -264,11 +271,17 @@ def execute_ray(
     )
 
 
-def _copy_requests(ray: Any, actor: Any, dest: Path) -> None:
+def _aw(ref: Any) -> asyncio.Future[Any]:
+    """A Ray ObjectRef as an asyncio future of this loop."""
+    return asyncio.wrap_future(ref.future())
+
+
+async def _copy_requests(actor: Any, dest: Path) -> None:
+    """Copy the actor's requests file back in bounded chunks (no whole file in one message)."""
     offset = 0
     with open(dest, "wb") as f:
         while True:
-            chunk = ray.get(actor.read_requests.remote(offset, CHUNK_BYTES))
+            chunk = await _aw(actor.read_requests.remote(offset, CHUNK_BYTES))
             if not chunk:
                 return
             f.write(chunk)

@@ -6,6 +6,7 @@ distributed path works end to end.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import os
@@ -139,7 +140,7 @@ class StampTarget(FakeTarget):
         await super().send(request, record)
 
 
-def test_ray_run_spreads_over_both_nodes_and_merges(ray_cluster: str, tmp_path: Path) -> None:
+async def test_ray_run_spreads_over_both_nodes_and_merges(ray_cluster: str, tmp_path: Path) -> None:
     import ray.cloudpickle
 
     from replay.ray_executor import execute_ray
@@ -150,7 +151,7 @@ def test_ray_run_spreads_over_both_nodes_and_merges(ray_cluster: str, tmp_path: 
     cfg = RunConfig(target="fake", rate=60.0, duration_s=3.0, output_tokens=10, interval_s=1.0, seed=2)
     sched = SyntheticSchedule.from_config(cfg, vocab_size=1000)
     factory = functools.partial(StampTarget, str(stamps), ttft_s=0.02, itl_s=0.004)
-    res = execute_ray(cfg, factory, sched, tmp_path / "run", 60.0, workers=None, address=ray_cluster)
+    res = await execute_ray(cfg, factory, sched, tmp_path / "run", 60.0, workers=None, address=ray_cluster)
     s = res.summary
     w = s["workers"]
     assert w["mode"] == "ray" and w["count"] == 2 and w["nodes"] == 2
@@ -181,3 +182,36 @@ def test_ray_run_spreads_over_both_nodes_and_merges(ray_cluster: str, tmp_path: 
     by_worker = [np.median(off[np.array([i % 2 == k for i in sent])]) for k in (0, 1)]
     assert abs(by_worker[0] - by_worker[1]) < 0.003
     assert res.exit_code in (0, 1)  # 1 only if this busy machine made an actor fall behind
+
+
+async def test_sigint_stops_every_actor_with_a_partial_summary(ray_cluster: str, tmp_path: Path) -> None:
+    from replay.ray_executor import execute_ray
+
+    cfg = RunConfig(target="fake", rate=20.0, duration_s=60.0, output_tokens=5, interval_s=1.0)
+    sched = SyntheticSchedule.from_config(cfg)
+    run_dir = tmp_path / "run"
+
+    async def interrupt_once_running() -> None:
+        while not (run_dir / "timeseries.jsonl").exists():  # exists once every actor is ready
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(2.0)
+        os.kill(os.getpid(), signal.SIGINT)  # handled by the executor's loop handler
+
+    killer = asyncio.ensure_future(interrupt_once_running())
+    t = time.monotonic()
+    res = await execute_ray(
+        cfg,
+        functools.partial(FakeTarget, ttft_s=0.01, itl_s=0.005),
+        sched,
+        run_dir,
+        20.0,
+        workers=2,
+        address=ray_cluster,
+    )
+    assert killer.done() and time.monotonic() - t < 40
+    s = res.summary
+    whole = len(list(sched()))
+    assert res.exit_code == 130 and s["partial"]
+    assert s["counts"]["scheduled"] == whole and s["counts"]["accounted"]
+    assert s["counts"]["ok"] > 0 and s["counts"]["not_sent"]["stopped"] > 0.8 * whole
+    assert all(e["stopped"] for e in s["workers"]["each"])
