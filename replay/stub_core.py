@@ -60,6 +60,7 @@ class StubConfig:
     faults: tuple[tuple[Fault, float], ...] = ()  # (fault, probability), drawn per request
     fault_hook: FaultHook | None = None  # (request index, JSON body) -> fault; for tests
     seed: int = 0
+    api_key: str | None = None  # like vLLM --api-key: /v1/* then needs "Authorization: Bearer <key>"
 
 
 class Stream:
@@ -117,6 +118,7 @@ class StubServer:
         self._rng = random.Random(cfg.seed)
         self._created = int(time.time())
         self._model_json = orjson.dumps(cfg.model)
+        self._auth = None if cfg.api_key is None else b"Bearer " + cfg.api_key.encode()
 
     @property
     def base_url(self) -> str:
@@ -142,7 +144,10 @@ class StubServer:
 
     def handle(self, conn: Conn, method: bytes, path: bytes, query: bytes, headers: dict[bytes, bytes],
                body: bytes, t_recv: float, keep_alive: bool) -> None:  # fmt: skip
-        if method == b"POST" and path in (b"/v1/completions", b"/v1/chat/completions"):
+        auth = self._auth
+        if auth is not None and path.startswith(b"/v1/") and headers.get(b"authorization") != auth:
+            conn.respond(401, b'{"error":"Unauthorized"}', keep_alive)
+        elif method == b"POST" and path in (b"/v1/completions", b"/v1/chat/completions"):
             self._generate(conn, path == b"/v1/chat/completions", headers, body, t_recv, keep_alive)
         elif method == b"GET" and path == b"/v1/models":
             entry = {"id": self.cfg.model, "object": "model", "created": self._created,
@@ -362,7 +367,7 @@ class StubServer:
         body["usage"] = {"prompt_tokens": s.prompt_tokens, "total_tokens": s.prompt_tokens + s.n,
                          "completion_tokens": s.n}  # fmt: skip
         s.conn.stream = None
-        self.truth.late.record_value(int((now - due) * 1e6))
+        self.truth.late_us(int((now - due) * 1e6))
         self.truth.tokens += s.n
         self.truth.served += 1
         self._finish_truth(s, now)

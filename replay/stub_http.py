@@ -16,8 +16,8 @@ import orjson
 
 _MAX_HEAD = 64 * 1024
 _MAX_BODY = 64 * 1024 * 1024
-_REASONS = {200: b"OK", 400: b"Bad Request", 404: b"Not Found", 413: b"Payload Too Large",
-            429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
+_REASONS = {200: b"OK", 400: b"Bad Request", 401: b"Unauthorized", 404: b"Not Found",
+            413: b"Payload Too Large", 429: b"Too Many Requests", 431: b"Request Header Fields Too Large",
             500: b"Internal Server Error", 501: b"Not Implemented", 503: b"Service Unavailable"}  # fmt: skip
 
 

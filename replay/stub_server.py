@@ -110,11 +110,13 @@ def _parse_args(argv: list[str] | None) -> tuple[StubConfig, str, int]:
     ap.add_argument("--fault", action="append", default=[], metavar="SPEC:PROB",
                     help="fault with a probability: reset@3:0.01, http_500:0.05, stall@2:1.5:0.1")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--api-key", default=None, help="require this bearer key on /v1/* (like vLLM --api-key)")
     a = ap.parse_args(argv)
     cfg = StubConfig(ttft_s=a.ttft_ms / 1e3, itl_s=a.itl_ms / 1e3, tokens_per_chunk=a.tokens_per_chunk,
                      max_concurrency=a.max_concurrency, usage=a.usage, continuous_usage=a.continuous_usage,
                      vllm=a.vllm, model=a.model, spin_s=a.spin_ms / 1e3,
-                     faults=tuple(parse_fault_rule(f) for f in a.fault), seed=a.seed)  # fmt: skip
+                     faults=tuple(parse_fault_rule(f) for f in a.fault), seed=a.seed,
+                     api_key=a.api_key)  # fmt: skip
     return cfg, a.host, a.port
 
 

@@ -7,6 +7,7 @@ the target's measurements must land on that schedule. Nothing here needs a netwo
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -214,15 +215,22 @@ def test_config_problems() -> None:
 
 
 async def test_model_and_key_checks_and_describe(monkeypatch: pytest.MonkeyPatch) -> None:
-    async with start_stub() as stub:
-        t = OpenAIHTTPTarget(HTTPTargetConfig(base_url=stub.base_url, model="other"))
+    async with start_stub(api_key="sk-secret-123") as stub:
+        monkeypatch.setenv("REPLAY_TEST_KEY", "sk-secret-123")
+        cfg = HTTPTargetConfig(base_url=stub.base_url, api_key_env="REPLAY_TEST_KEY")
+        t = OpenAIHTTPTarget(dataclasses.replace(cfg, model="other"))
         with pytest.raises(ReplayError, match="'other' not served by"):
             await t.start()
-        t = OpenAIHTTPTarget(HTTPTargetConfig(base_url=stub.base_url, api_key_env="REPLAY_TEST_KEY"))
-        monkeypatch.delenv("REPLAY_TEST_KEY", raising=False)
-        with pytest.raises(ReplayError, match="REPLAY_TEST_KEY is not set"):
+        monkeypatch.setenv("REPLAY_TEST_KEY", "sk-wrong")
+        with pytest.raises(ReplayError, match=r"GET /v1/models: HTTP 401 \(check \$REPLAY_TEST_KEY\)"):
+            await OpenAIHTTPTarget(cfg).start()
+        monkeypatch.delenv("REPLAY_TEST_KEY")
+        t = OpenAIHTTPTarget(cfg)
+        with pytest.raises(ReplayError, match=r"HTTP 401 \(\$REPLAY_TEST_KEY is not set\)"):
             await t.start()
+        assert t.notes == ["api_key_env: $REPLAY_TEST_KEY is not set; no API key sent"]
         monkeypatch.setenv("REPLAY_TEST_KEY", "sk-secret-123")
+        t = OpenAIHTTPTarget(cfg)
         await t.start()
         try:
             assert isinstance(t, Target)
@@ -230,6 +238,8 @@ async def test_model_and_key_checks_and_describe(monkeypatch: pytest.MonkeyPatch
             assert d["model"] == "stub-model" and d["vllm_extensions"] is False
             assert "sk-secret-123" not in repr(d)
             assert t.metrics_url == f"http://127.0.0.1:{stub.port}/metrics"
+            (r,) = await drive(t, 1)  # the key goes with every request
+            assert r.status == OK
         finally:
             await t.close()
 

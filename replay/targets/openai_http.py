@@ -16,12 +16,9 @@ still ahead, so streaming costs no timer operations per chunk.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import ipaddress
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,69 +28,15 @@ import orjson
 from replay import errors
 from replay.errors import ReplayError
 from replay.record import ERROR, OK, Request, RequestRecord
+from replay.targets.http_config import ENDPOINTS, HTTPTargetConfig
 from replay.targets.sse import SSEDecoder
+
+__all__ = ["ENDPOINTS", "HTTPTargetConfig", "OpenAIHTTPTarget", "map_exception"]
 
 log = logging.getLogger(__name__)
 
-ENDPOINTS = ("completions", "chat")
 _JSON = {"Content-Type": "application/json"}
 _DETAIL_MAX = 200
-
-
-@dataclass(frozen=True)
-class HTTPTargetConfig:
-    base_url: str = "http://127.0.0.1:8000/v1"
-    model: str | None = None  # None: the first id from GET {base_url}/models
-    endpoint: str = "completions"  # or "chat"
-    api_key_env: str | None = None  # name of the environment variable holding the key
-    vllm_extensions: bool | None = None  # None: detect (GET /version, or models owned_by "vllm")
-    connect_timeout_s: float = 10.0
-    first_token_timeout_s: float = 120.0
-    stall_timeout_s: float = 60.0
-    total_timeout_s: float = 900.0
-    pool_size: int = 0  # connections; 0: unlimited, so the pool never queues an open-loop request
-    allow_remote: bool = False  # load tests target loopback only unless this is set
-    name: str = "openai-http"
-
-    def problems(self) -> list[str]:
-        """Every problem with this config, each one line naming the field."""
-        out: list[str] = []
-        parts = urlsplit(self.base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            out.append(f"base_url: expected http(s)://host:port/v1, got {self.base_url!r}")
-        elif not self.allow_remote and not _is_loopback(parts.hostname):
-            out.append(
-                f"base_url: {parts.hostname} is not a loopback address; load tests only target "
-                "127.0.0.1/localhost/::1 unless allow_remote = true"
-            )
-        if self.endpoint not in ENDPOINTS:
-            out.append(f"endpoint: must be 'completions' or 'chat', got {self.endpoint!r}")
-        for f in ("connect_timeout_s", "first_token_timeout_s", "stall_timeout_s", "total_timeout_s"):
-            v = getattr(self, f)
-            if not (isinstance(v, int | float) and v > 0):
-                out.append(f"{f}: must be a positive number of seconds, got {v!r}")
-        if not isinstance(self.pool_size, int) or self.pool_size < 0:
-            out.append(f"pool_size: must be an integer >= 0 (0: unlimited), got {self.pool_size!r}")
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "target") -> HTTPTargetConfig:
-        """From a TOML table; unknown keys are errors (a typo must not silently fall back to a default)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            names = ", ".join(unknown)
-            raise ReplayError(f"{source}: unknown key(s) {names}; known: {', '.join(sorted(known))}")
-        return cls(**d)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class _Failure(Exception):
@@ -197,12 +140,14 @@ class OpenAIHTTPTarget:
 
     async def start(self) -> None:
         headers: dict[str, str] = {}
-        if self.cfg.api_key_env:
-            key = os.environ.get(self.cfg.api_key_env)
-            if not key:
-                var = self.cfg.api_key_env
-                raise ReplayError(f"{self.name}: api_key_env: environment variable {var} is not set")
-            headers["Authorization"] = f"Bearer {key}"
+        var = self.cfg.api_key_env
+        if var:
+            key = os.environ.get(var)
+            if key:
+                headers["Authorization"] = f"Bearer {key}"
+            else:
+                # Local servers mostly need no key; one that does answers 401 below, naming the variable.
+                self._note(f"api_key_env: ${var} is not set; no API key sent")
         connector = aiohttp.TCPConnector(limit=self.cfg.pool_size, limit_per_host=0, keepalive_timeout=75.0)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -247,7 +192,11 @@ class OpenAIHTTPTarget:
         status, ctype, body = await self._get(self.base_url + "/models")
         not_openai = f"{self.base_url} is not an OpenAI-compatible server: GET {path} returned"
         if status in (401, 403):
-            hint = f"check ${self.cfg.api_key_env}" if self.cfg.api_key_env else "set api_key_env"
+            var = self.cfg.api_key_env
+            if not var:
+                hint = "set api_key_env"
+            else:
+                hint = f"check ${var}" if os.environ.get(var) else f"${var} is not set"
             raise ReplayError(f"{self.base_url} refused GET {path}: HTTP {status} ({hint})")
         if status != 200:
             raise ReplayError(f"{not_openai} HTTP {status}")
@@ -324,11 +273,14 @@ class OpenAIHTTPTarget:
         n = len(request.prompt_token_ids) if request.prompt_token_ids is not None else request.input_tokens
         if not self._noted_ids_as_words:
             self._noted_ids_as_words = True
-            note = (f"{self.cfg.endpoint} endpoint: prompts without text were sent as 'hi hi ...' with one "
-                    "word per prompt token; the server's own prompt token count may differ")  # fmt: skip
-            self.notes.append(note)
-            log.warning(note)
+            self._note(f"{self.cfg.endpoint} endpoint: prompts without text were sent as 'hi hi ...', one "
+                       "word per prompt token; the server's own prompt token count may differ")  # fmt: skip
         return ("hi " * n)[:-1]
+
+    def _note(self, note: str) -> None:
+        """Something the results should say about how requests were made (goes into describe())."""
+        self.notes.append(note)
+        log.warning(note)
 
     async def send(self, request: Request, record: RequestRecord) -> None:
         """Stream one request into `record`. Request-level failures become error kinds; cancellation is
