@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import itertools
 import re
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-from replay import arrivals, schedule
+from replay import arrivals
 from replay.config import RunConfig, parse_duration
 from replay.errors import ReplayError
-from replay.prompts import DEFAULT_HIGH_ID, DEFAULT_LOW_ID, PromptBuilder
 from replay.report import console_table
+from replay.trace_cli import add_trace_subparser
+from replay.trace_schedule import parse_window
 
 
 def _duration(text: str) -> float:
@@ -50,6 +51,25 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint", default="completions", choices=("completions", "chat"))
     p.add_argument("--model", default=None, help="model name on the server (default: the first it lists)")
     p.add_argument("--quiet", action="store_true")
+    t = p.add_argument_group("recorded trace (arrival times and lengths come from the trace)")
+    t.add_argument(
+        "--trace", type=Path, default=None, help="trace file: Azure, BurstGPT, Mooncake, ..., ours"
+    )
+    t.add_argument("--format", dest="trace_format", default=None, help="trace format (default: detected)")
+    t.add_argument("--speedup", type=float, default=1.0, help="X > 1 compresses the trace's time by X")
+    t.add_argument("--window", default=None, help="START:END seconds of the trace to replay")
+    t.add_argument("--loop", action="store_true", help="repeat the trace back to back (soak)")
+    t.add_argument("--jitter", type=_duration, default=0.0, help="spread arrivals within a time bucket")
+    t.add_argument("--skip-bad-rows", action="store_true", help="count malformed rows instead of failing")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="client processes (default: enough for the load, up to the cores)",
+    )
+    p.add_argument(
+        "--ray", default=None, metavar="auto|ADDRESS", help="run the workers as Ray actors on a cluster"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,12 +77,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="replay a synthetic or recorded schedule against a target")
     _add_run_args(run)
+    run.set_defaults(func=cmd_run)
+    add_trace_subparser(sub)
     return parser
 
 
 def _config(ns: argparse.Namespace) -> RunConfig:
     duration = ns.duration
-    if duration is None and ns.requests is None:
+    if duration is None and ns.requests is None and ns.trace is None:
         duration = 60.0
     return RunConfig(
         target=ns.target,
@@ -84,6 +106,13 @@ def _config(ns: argparse.Namespace) -> RunConfig:
         endpoint=ns.endpoint,
         model=ns.model,
         quiet=ns.quiet,
+        trace=ns.trace,
+        trace_format=ns.trace_format,
+        speedup=ns.speedup,
+        window=parse_window(ns.window) if ns.window else None,
+        loop=ns.loop,
+        jitter_s=ns.jitter,
+        skip_bad_rows=ns.skip_bad_rows,
     )
 
 
@@ -93,7 +122,9 @@ def default_run_dir(target: str) -> Path:
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
+    from replay.plan import TraceSchedule
     from replay.run import execute, run_in_uvloop
+    from replay.shard import SyntheticSchedule
     from replay.targets.registry import load_target
 
     cfg = _config(ns)
@@ -105,20 +136,16 @@ def cmd_run(ns: argparse.Namespace) -> int:
     run_dir = cfg.out or default_run_dir(cfg.target)
     target = load_target(cfg.target, run_dir, {"endpoint": cfg.endpoint, "model": cfg.model})
     vocab = getattr(target, "vocab_size", None)
-    prompts = PromptBuilder(
-        cfg.seed, DEFAULT_LOW_ID, min(vocab, DEFAULT_HIGH_ID) if vocab else DEFAULT_HIGH_ID
-    )
-    sched = schedule.synthetic(
-        itertools.repeat(0.0) if cfg.concurrency else arrivals.offsets(cfg.arrival_spec(), cfg.seed),
-        input_tokens=cfg.input_tokens,
-        output_tokens=cfg.output_tokens,
-        prompts=prompts,
-        duration_s=cfg.duration_s,
-        max_requests=cfg.requests,
-    )
-    offered = arrivals.mean_rate(cfg.arrival_spec(), cfg.duration_s) if cfg.duration_s else cfg.rate
+    recipe: Any
+    if cfg.trace is not None:
+        recipe = TraceSchedule.from_config(cfg, vocab)
+        offered = recipe.offered_rate()
+    else:
+        recipe = SyntheticSchedule.from_config(cfg, vocab)
+        offered = arrivals.mean_rate(cfg.arrival_spec(), cfg.duration_s) if cfg.duration_s else cfg.rate
     if cfg.concurrency:
         offered = None  # closed loop: the server sets the pace
+    sched = recipe()
     result = run_in_uvloop(execute(cfg, target, sched, run_dir, offered))
     print(console_table(result.summary))
     print(f"run directory: {result.run_dir}")
@@ -131,16 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
-        if ns.command == "run":
-            return cmd_run(ns)
+        return int(ns.func(ns))
     except ReplayError as exc:
         print(f"replay: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("replay: interrupted", file=sys.stderr)
         return 130
-    parser.error(f"unknown command {ns.command}")
-    return 2
 
 
 if __name__ == "__main__":
