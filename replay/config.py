@@ -32,6 +32,14 @@ class RunConfig:
     model: str | None = None
     quiet: bool = False
     target_overrides: dict[str, Any] = field(default_factory=dict)
+    # Recorded trace replay (rate, if given, rescales the trace to that mean rate).
+    trace: Path | None = None
+    trace_format: str | None = None
+    speedup: float = 1.0
+    window: tuple[float, float] | None = None
+    loop: bool = False
+    jitter_s: float = 0.0
+    skip_bad_rows: bool = False
 
     def arrival_spec(self) -> ArrivalSpec:
         return ArrivalSpec(
@@ -50,11 +58,19 @@ class RunConfig:
                 out.append(f"--concurrency: must be >= 1, got {self.concurrency}")
             if self.rate is not None or self.concurrency_cap is not None:
                 out.append("--concurrency: closed loop sets its own pace; drop --rate/--concurrency-cap")
+        elif self.trace is not None:
+            if self.rate is not None and not (self.rate > 0 and math.isfinite(self.rate)):
+                out.append(f"--rate: must be a positive number of requests/s, got {self.rate}")
+            if not (self.speedup > 0 and math.isfinite(self.speedup)):
+                out.append(f"--speedup: must be a positive factor (>1 compresses time), got {self.speedup}")
+            if self.rate is not None and self.speedup != 1.0:
+                out.append("--speedup/--rate: give one of them (--rate rescales the trace to a mean rate)")
         elif self.rate is None:
             out.append("--rate: required (requests per second, e.g. --rate 50), or --concurrency N")
         else:
             out.extend(f"--{p}" for p in self.arrival_spec().problems())
-        if self.duration_s is None and self.requests is None:
+        bounded_by_trace = self.trace is not None and not self.loop
+        if self.duration_s is None and self.requests is None and not bounded_by_trace:
             out.append("--duration/--requests: give at least one bound for the run")
         if self.duration_s is not None and not (self.duration_s > 0 and math.isfinite(self.duration_s)):
             out.append(f"--duration: must be a positive number of seconds, got {self.duration_s}")
@@ -79,6 +95,7 @@ class RunConfig:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["out"] = str(self.out) if self.out else None
+        d["trace"] = str(self.trace) if self.trace else None
         return d
 
 
