@@ -36,7 +36,7 @@ import orjson
 
 from replay import arrivals, schedule
 from replay import histogram as H
-from replay.capacity_stats import knee, saturation, window_hists
+from replay.capacity_stats import knee, replica_estimate, saturation, window_hists
 from replay.capacity_watch import StepWatch
 from replay.config import RunConfig
 from replay.prompts import DEFAULT_HIGH_ID, DEFAULT_LOW_ID, PromptBuilder
@@ -70,6 +70,7 @@ class CapacityOptions:
     interval_s: float = 1.0
     drain_timeout_s: float | None = None  # default: max(5 s, 10x the baseline E2E)
     knee_metric: str = "ttft_intended"
+    headroom: float = 0.2  # replica estimate: capacity kept spare above the trace's peak
     endpoint: str = "completions"
     model: str | None = None
 
@@ -95,8 +96,14 @@ class _Budget:
 
 class CapacitySearch:
     def __init__(
-        self, target: Target, opts: CapacityOptions, out_dir: Path, log: Callable[[str], None] | None = None
+        self,
+        target: Target,
+        opts: CapacityOptions,
+        out_dir: Path,
+        log: Callable[[str], None] | None = None,
+        demand: dict[str, Any] | None = None,
     ) -> None:
+        """`demand`: a trace's peak rates (capacity_stats.trace_demand) for the replica estimate."""
         if opts.warmup_s >= opts.step_s:
             raise ValueError("warm-up must be shorter than a step")
         self.target = target
@@ -104,6 +111,7 @@ class CapacitySearch:
         self.out = out_dir
         self.log = log or (lambda _msg: None)
         self.budget = _Budget(opts.max_steps, opts.max_time_s)
+        self.demand = demand
         self.probe: list[dict[str, Any]] = []
         self.steps: list[dict[str, Any]] = []
         self.baseline_ttft_s: float | None = None
@@ -170,6 +178,7 @@ class CapacitySearch:
 
     async def _open_step(self, rate: float, phase: str) -> dict[str, Any]:
         o = self.opts
+        rate = float(f"{rate:.4g}")  # rates named in files and compared across repeats
         idx = len(self.steps)
         seed = o.seed + 1000 + idx
         run_dir = self.out / "steps" / f"{idx:02d}-{phase}-{rate:.4g}rps"
@@ -260,11 +269,13 @@ class CapacitySearch:
             return self._finish(0.0, None, "the SLO is missed even one request at a time (probe c=1)")
         if x_max <= 0:
             return self._finish(0.0, None, "no request succeeded in the probe")
-        lo, hi, hi_tested = 0.0, x_max, False
+        lo, hi, hi_tested = 0.0, float(f"{x_max:.4g}"), False
         if not saturated:  # throughput still grew at the last level: find a failing rate first
             r = x_max
             while self.budget.allows(o.step_s):
-                if not (await self._open_step(r, "expand"))["passed"]:
+                step = await self._open_step(r, "expand")
+                r = step["rate_req_s"]
+                if not step["passed"]:
                     hi, hi_tested = r, True
                     break
                 lo, r = r, 2 * r
@@ -278,7 +289,9 @@ class CapacitySearch:
             if not self.budget.allows(o.step_s):
                 stop = "budget"
                 break
-            if (await self._open_step(r, "search"))["passed"]:
+            step = await self._open_step(r, "search")
+            r = step["rate_req_s"]
+            if step["passed"]:
                 lo = r
             else:
                 hi, hi_tested = r, True
@@ -341,7 +354,15 @@ class CapacitySearch:
             "probe": self.probe,
             "steps": self.steps,
             "result": getattr(self, "result", {}),
+            "replicas": self._replicas(),
         }
+
+    def _replicas(self) -> dict[str, Any] | None:
+        rate = getattr(self, "result", {}).get("max_slo_rate_req_s")
+        if self.demand is None or not rate:
+            return None if self.demand is None else {"demand": self.demand, "replicas": None}
+        o = self.opts
+        return replica_estimate(self.demand, rate, o.output_tokens, o.input_tokens, o.headroom)
 
     def write(self) -> dict[str, Any]:
         doc = self.document()

@@ -5,7 +5,7 @@ measurement windows of a finished run, saturation signals, the knee, and the rep
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,37 +127,106 @@ def knee(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
     return best
 
 
-def peak_window_rate(arrivals_s: Iterable[float], window_s: float, quantile: float) -> dict[str, Any]:
-    """Arrival rate per whole window of `window_s` over [0, D): its `quantile` (nearest rank), max, mean.
+def peak_window_rate(
+    events: Iterable[tuple[float, float]], window_s: float, quantile: float
+) -> dict[str, Any]:
+    """Rates of (arrival_s, weight) events per whole window of `window_s` over [0, D): the
+    `quantile` (nearest rank) of the windows, their max and the mean. Weight 1 counts requests;
+    a request's output tokens give its token demand.
 
     Same convention as `replay trace stats`: D = span * n / (n - 1) (one mean gap past the last
     arrival), empty windows count as zero, a trailing partial window is left out. A trace shorter
-    than one window gives its mean rate n / D (flagged `short`).
+    than one window gives its mean rate over D (flagged `short`).
     """
-    bins: dict[int, int] = {}
+    bins: dict[int, float] = {}
     n = 0
+    total = 0.0
     last = 0.0
-    for t in arrivals_s:
+    for t, w in events:
         n += 1
+        total += w
         last = max(last, t)
         k = int(t // window_s)
-        bins[k] = bins.get(k, 0) + 1
+        bins[k] = bins.get(k, 0.0) + w
     if n < 2 or last <= 0:
         raise ReplayError("replicas: the trace needs at least two timed arrivals")
     duration = last * n / (n - 1)
     nwin = int(duration // window_s)
+    mean = total / duration
     if nwin == 0:
-        rate = n / duration
-        return {"windows": 0, "short": True, "peak": rate, "max": rate, "mean": rate, "duration_s": duration}
-    per = np.array([bins.get(i, 0) for i in range(nwin)], dtype=float) / window_s
-    peak = float(np.percentile(per, quantile, method="inverted_cdf"))
+        return {"windows": 0, "short": True, "peak": mean, "max": mean, "mean": mean, "duration_s": duration}
+    per = np.array([bins.get(i, 0.0) for i in range(nwin)]) / window_s
     return {
         "windows": nwin,
         "short": False,
-        "peak": peak,
+        "peak": float(np.percentile(per, quantile, method="inverted_cdf")),
         "max": float(per.max()),
-        "mean": float(n / duration),
+        "mean": mean,
         "duration_s": duration,
+    }
+
+
+def trace_demand(path: str, window_s: float, quantile: float) -> dict[str, Any]:
+    """Peak request and output-token rates of a trace file (any format `replay trace` reads)."""
+    from replay.formats import load_trace
+
+    tf = load_trace(path)  # re-readable: two streaming passes, nothing held in memory
+    sums = [0, 0, 0]
+
+    def first_pass() -> Iterator[tuple[float, float]]:
+        for r in tf:
+            sums[0] += 1
+            sums[1] += r.input_tokens
+            sums[2] += r.output_tokens
+            yield r.arrival_s, 1.0
+
+    req_s = peak_window_rate(first_pass(), window_s, quantile)
+    tok_s = peak_window_rate(((r.arrival_s, float(r.output_tokens)) for r in tf), window_s, quantile)
+    n = sums[0]
+    return {
+        "source": str(path),
+        "window_s": window_s,
+        "quantile": quantile,
+        "requests": n,
+        "mean_input_tokens": sums[1] / n,
+        "mean_output_tokens": sums[2] / n,
+        "req_s": req_s,
+        "output_tok_s": tok_s,
+    }
+
+
+def replica_estimate(
+    demand: dict[str, Any], max_rate: float, output_tokens: int, input_tokens: int, headroom: float
+) -> dict[str, Any]:
+    """Replicas for a trace's peak, from the measured max-SLO rate of one replica.
+
+    By requests: ceil(peak req/s x (1 + headroom) / max-SLO rate). By output tokens: the same
+    with the trace's peak output tokens/s against max-SLO rate x the test's output length, which
+    corrects for a trace whose outputs are longer or shorter than the test's. The larger wins.
+    """
+    peak = demand["req_s"]["peak"]
+    by_req = replicas_needed(peak, max_rate, headroom)
+    by_tok = replicas_needed(demand["output_tok_s"]["peak"], max_rate * output_tokens, headroom)
+    need = None if by_req is None or by_tok is None else max(by_req, by_tok)
+    assumptions = [
+        f"the peak is the p{demand['quantile']:g} of {demand['window_s']:g}-second windows of the trace"
+        + (" (the trace is shorter than one window: its mean rate)" if demand["req_s"]["short"] else ""),
+        "replicas share load evenly (a balancer with no affinity) and scale linearly, with no shared "
+        "bottleneck (network, storage, a common prefix cache)",
+        "arrivals within a window are no burstier than the search's (Poisson unless set otherwise)",
+        f"the per-replica rate was measured at {input_tokens} input / {output_tokens} output tokens; "
+        f"the trace averages {demand['mean_input_tokens']:.0f} / {demand['mean_output_tokens']:.0f}, "
+        "so the output-token estimate is also given and the larger is kept",
+        f"{headroom:.0%} headroom on top of the peak",
+    ]
+    return {
+        "demand": demand,
+        "per_replica_req_s": max_rate,
+        "headroom": headroom,
+        "replicas_by_requests": by_req,
+        "replicas_by_output_tokens": by_tok,
+        "replicas": need,
+        "assumptions": assumptions,
     }
 
 
