@@ -145,8 +145,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
         offered = arrivals.mean_rate(cfg.arrival_spec(), cfg.duration_s) if cfg.duration_s else cfg.rate
     if cfg.concurrency:
         offered = None  # closed loop: the server sets the pace
-    sched = recipe()
-    result = run_in_uvloop(execute(cfg, target, sched, run_dir, offered))
+    from replay.scaleout import scaled_run
+
+    result = scaled_run(cfg, target, recipe, run_dir, offered, ns.workers, ns.ray)  # None: one process
+    if result is None:
+        result = run_in_uvloop(execute(cfg, target, recipe(), run_dir, offered))
     print(console_table(result.summary))
     print(f"run directory: {result.run_dir}")
     if result.exit_code == 3:
