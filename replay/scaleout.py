@@ -18,7 +18,7 @@ from typing import Any
 from replay.config import RunConfig
 from replay.errors import ReplayError
 from replay.run import RunResult, run_in_uvloop
-from replay.shard import SyntheticSchedule, TargetFactory
+from replay.shard import ScheduleFactory, TargetFactory
 from replay.workers import execute_workers, is_process_local, resolve_workers
 
 
@@ -46,12 +46,16 @@ def worker_factory(target: Any) -> TargetFactory:
 def scaled_run(
     cfg: RunConfig,
     target: Any,
+    recipe: ScheduleFactory,
     run_dir: Path,
     offered_rate: float | None,
     workers: int | None,
     ray: str | None,
 ) -> RunResult | None:
-    """Run with several workers or on Ray; None when one in-process run is the plan (the caller's)."""
+    """Run with several workers or on Ray; None when one in-process run is the plan (the caller's).
+
+    `recipe(w, n)` is worker w's share of the schedule (`SyntheticSchedule`, `plan.TraceSchedule`).
+    """
     if ray is None:
         n = resolve_workers(workers, target, offered_rate, cfg.output_tokens)
         if n <= 1:
@@ -60,14 +64,13 @@ def scaled_run(
         raise ReplayError(f"--ray: target {getattr(target, 'name', '?')} runs in this process; drop --ray")
     else:
         n = workers or 0  # 0: one actor per node
-    sched = SyntheticSchedule.from_config(cfg, getattr(target, "vocab_size", None))
-    return run_in_uvloop(_scaled(cfg, target, sched, run_dir, offered_rate, n, ray))
+    return run_in_uvloop(_scaled(cfg, target, recipe, run_dir, offered_rate, n, ray))
 
 
 async def _scaled(
     cfg: RunConfig,
     target: Any,
-    sched: SyntheticSchedule,
+    sched: ScheduleFactory,
     run_dir: Path,
     offered_rate: float | None,
     n: int,

@@ -53,8 +53,10 @@ def available_cores() -> int:
 
 def is_process_local(target: Any) -> bool:
     """A target whose serving capacity lives in this process (an in-process model): N copies would
-    be N servers, so it runs with one worker. Targets say so with `process_local = True`."""
-    return bool(getattr(target, "process_local", getattr(target, "name", "") == "transformers"))
+    be N servers, so it runs with one worker. Targets say so with `process_local = True`; the
+    transformers target is one whatever its configured name."""
+    default = type(target).__module__ == "replay.targets.transformers_local"
+    return bool(getattr(target, "process_local", default))
 
 
 def auto_workers(offered_rate: float | None, output_tokens: int, cores: int | None = None) -> int:
