@@ -19,7 +19,7 @@ ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install model stress test bench lint clean
+.PHONY: install model stress soak test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -38,8 +38,21 @@ model: $(MODEL_DIR)/config.json
 $(MODEL_DIR)/config.json: $(VENV)/.installed replay/tiny_model.py
 	$(PY) -m replay.tiny_model --out $(MODEL_DIR)
 
+# With TRACE the trace sets arrivals and lengths; RATE (if given) rescales it, SPEEDUP compresses it.
+ifdef TRACE
+RUN_ARGS = --trace $(TRACE) $(if $(SPEEDUP),--speedup $(SPEEDUP)) \
+	$(if $(filter command line environment,$(origin RATE)),--rate $(RATE)) \
+	$(if $(filter command line environment,$(origin DURATION)),--duration $(DURATION))
+else
+RUN_ARGS = --rate $(RATE) --duration $(DURATION)
+endif
+
 stress: install model
-	$(REPLAY) run --target $(TARGET) --rate $(RATE) --duration $(DURATION) $(ARGS)
+	$(REPLAY) run --target $(TARGET) $(RUN_ARGS) $(ARGS)
+
+# Hours of load: same engine, interval logs every 10 s, drift verdict in the summary.
+soak: install model
+	$(REPLAY) run --target $(TARGET) $(RUN_ARGS) --interval 10s $(ARGS)
 
 test: install model
 	$(PY) -m ruff check replay tests
