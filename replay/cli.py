@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from replay import arrivals
+from replay.capacity_cli import add_capacity_subparsers
 from replay.config import RunConfig, parse_duration
 from replay.errors import ReplayError
 from replay.report import console_table
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(run)
     run.set_defaults(func=cmd_run)
     add_trace_subparser(sub)
+    add_capacity_subparsers(sub)
     return parser
 
 
