@@ -61,7 +61,9 @@ def gpu_memory() -> dict[str, Any]:
 
 
 async def bench_model(name: str, model_dir: Path, rates: list[float], args: argparse.Namespace) -> list[dict]:
-    target = TransformersLocalTarget(TransformersTargetConfig(model_dir=str(model_dir)))
+    target = TransformersLocalTarget(
+        TransformersTargetConfig(model_dir=str(model_dir), kv_cache_gib=args.kv_cache_gib)
+    )
     t = time.perf_counter()
     await target.start()
     started = time.perf_counter() - t
@@ -125,6 +127,7 @@ def main() -> None:
     ap.add_argument("--output-tokens", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--models", default="tiny,larger")
+    ap.add_argument("--kv-cache-gib", type=float, default=None, help="default: transformers sizes it")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rates = [float(r) for r in args.rates.split(",")]
