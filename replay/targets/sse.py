@@ -20,10 +20,11 @@ _BOM = b"\xef\xbb\xbf"
 class SSEDecoder:
     """`feed(bytes)` returns the payload of every event those bytes complete; `flush()` at end of stream."""
 
-    __slots__ = ("_buf", "_data", "_cr_pending", "_started", "partial_tail")
+    __slots__ = ("_pend", "_data", "_cr_pending", "_started", "partial_tail")
 
     def __init__(self) -> None:
-        self._buf = bytearray()  # an unfinished line (bytearray: appends stay linear on long lines)
+        # Pieces of an unfinished line, joined once its end arrives (linear however it is split).
+        self._pend: list[bytes] = []
         self._data: list[str] = []  # data lines of the event being built
         self._cr_pending = False  # the last byte seen was CR: a following LF belongs to it
         self._started = False
@@ -35,12 +36,13 @@ class SSEDecoder:
             return []
         if not self._started:
             # Hold the first bytes until we know whether they are a BOM.
-            self._buf += chunk
-            if len(self._buf) < 3 and _BOM.startswith(self._buf):
+            head = b"".join([*self._pend, chunk])
+            self._pend = []
+            if len(head) < 3 and _BOM.startswith(head):
+                self._pend = [head]
                 return []
             self._started = True
-            chunk = bytes(self._buf[3:] if self._buf.startswith(_BOM) else self._buf)
-            self._buf = bytearray()
+            chunk = head[3:] if head.startswith(_BOM) else head
         if self._cr_pending:
             chunk = b"\r" + chunk
             self._cr_pending = False
@@ -51,30 +53,36 @@ class SSEDecoder:
                 self._cr_pending = True
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if b"\n" not in chunk:
-            self._buf += chunk
+            if chunk:
+                self._pend.append(chunk)
             return []
-        lines = (self._buf + chunk).split(b"\n")
-        self._buf = bytearray(lines.pop())
+        if self._pend:
+            self._pend.append(chunk)
+            chunk = b"".join(self._pend)
+        lines = chunk.split(b"\n")
+        tail = lines.pop()
+        self._pend = [tail] if tail else []
         return self._lines(lines)
 
     def flush(self) -> list[str]:
         """End of stream: a held-back CR ends its line; an event missing only its final blank line is
         still dispatched (lenient: servers that end with `data: [DONE]\\n` are common). A line with no
         terminator at all is dropped, as the spec says, and `partial_tail` is set."""
+        pending = b"".join(self._pend)
+        self._pend = []
         lines: list[bytes] = []
         if self._cr_pending:
             self._cr_pending = False
-            lines.append(bytes(self._buf))
-            self._buf = bytearray()
-        self.partial_tail = bool(self._buf)
-        self._buf = bytearray()
+            lines.append(pending)
+            pending = b""
+        self.partial_tail = bool(pending)
         out = self._lines(lines) if lines else []
         if self._data:
             out.append("\n".join(self._data))
             self._data = []
         return out
 
-    def _lines(self, lines: list[bytearray] | list[bytes]) -> list[str]:
+    def _lines(self, lines: list[bytes]) -> list[str]:
         out: list[str] = []
         data = self._data
         for line in lines:
