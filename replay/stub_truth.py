@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +98,8 @@ class _Batched:
 class Truth:
     """Served-truth accumulator: HDR histograms in integer microseconds plus counts."""
 
+    DETAIL_KEEP = 200_000
+
     def __init__(self) -> None:
         self.reset()
 
@@ -114,8 +116,11 @@ class Truth:
         self.chunks = 0
         self.writes_while_paused = 0  # writes into a full socket buffer: the client was not reading
         self.faults: Counter[str] = Counter()
-        # Per request: (t_received, t_admitted, t_first_token, t_end, tokens), perf_counter seconds.
-        self.requests: list[tuple[float, float | None, float | None, float | None, int]] = []
+        # Per request: (t_received, t_admitted, t_first_token, t_end, tokens), perf_counter seconds;
+        # the latest DETAIL_KEEP only, so a soak run's memory stays bounded.
+        self.requests: deque[tuple[float, float | None, float | None, float | None, int]] = deque(
+            maxlen=self.DETAIL_KEEP
+        )
 
     def chunk(self, t: float, due: float, prev_t: float | None, t_recv: float, k: int) -> None:
         """A content chunk of `k` tokens was written at `t` (scheduled for `due`)."""
@@ -169,5 +174,5 @@ class Truth:
             },
         }
         if detail:
-            out["requests"] = self.requests
+            out["requests"] = list(self.requests)
         return out
