@@ -34,9 +34,9 @@ from replay.run import START_LEAD_S, RunResult
 from replay.runfiles import IntervalLog, JsonlWriter
 from replay.shard import ScheduleFactory, ShardRunner, ShardSpec, TargetFactory, WorkerResult
 
-# Per-worker budgets for `--workers auto`, about half of what one worker sustained on one core of
-# the 2-core development machine against the stub with TTFT error under 2 ms at p99
-# (bench/scaleout.py, bench/results-scaleout.md): headroom, since a worker near its limit queues.
+# Per-worker budgets for `--workers auto`: provisional, set well below what one worker is expected
+# to sustain against the stub with TTFT error under 2 ms at p99 (bench/scaleout.py measures it;
+# see bench/results-scaleout.md), since a worker near its limit queues and inflates TTFT.
 TOKENS_PER_WORKER_S = 15_000.0  # streamed tokens (SSE events) per second
 REQUESTS_PER_WORKER_S = 400.0  # new streams per second
 READY_TIMEOUT_S = 300.0  # workers' target start (model lookup, connection warm-up)
@@ -254,7 +254,10 @@ async def execute_workers(
             why = next(iter(hub.errors.values()), None) or (
                 "interrupted before the start" if hub.signals else "a worker exited before it was ready"
             )
-            raise ReplayError(why if ok else f"workers not ready after {READY_TIMEOUT_S:g} s")
+            raise ReplayError(
+                why if ok else f"workers not ready after {READY_TIMEOUT_S:g} s",
+                exit_code=130 if hub.signals else 2,
+            )
         t0 = time.perf_counter() + START_LEAD_S + START_MARGIN_S
         hlog = IntervalLog(run_dir / "intervals.hlog", time.time() + (t0 - time.perf_counter()))
         timeseries = JsonlWriter(run_dir / "timeseries.jsonl")
