@@ -39,6 +39,7 @@ from replay.errors import ReplayError
 
 LOOPBACK = "127.0.0.1"
 _TAIL_LINES = 12
+ORPHAN_GRACE_S = 2.0
 
 Command = Sequence[str] | Callable[[int], Sequence[str]]
 
@@ -340,6 +341,10 @@ class ServerProcess:
         if proc is None or self._stopped:
             return self.returncode
         grace = self.grace_s if grace_s is None else grace_s
+        if proc.poll() is not None:
+            # The leader already died (crash): nothing coordinates an orderly shutdown any more, and
+            # orphaned vLLM engine processes were seen to sit out a 10 s SIGTERM grace. Be brief.
+            grace = min(grace, ORPHAN_GRACE_S)
         pgid = proc.pid  # start_new_session: the leader's pid is the group id
         self.pids()  # remember descendants that might leave the group
         self._signal_all(signal.SIGTERM, pgid)

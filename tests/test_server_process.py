@@ -20,7 +20,7 @@ import psutil
 import pytest
 
 from replay.errors import ReplayError
-from replay.server_process import ServerProcess, free_port, port_in_use
+from replay.server_process import ORPHAN_GRACE_S, ServerProcess, free_port, port_in_use
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -108,6 +108,25 @@ async def test_sigterm_ignored_escalates_to_sigkill(tmp_path: Path) -> None:
     assert rc == -signal.SIGKILL
     assert 0.9 <= took < 5.0  # waited the 1 s grace, then killed
     assert _gone(pids)
+
+
+async def test_crashed_leader_orphans_get_short_grace(tmp_path: Path) -> None:
+    sp = _fake(tmp_path, "IGNORE_TERM")
+    sp.grace_s = 10.0
+    await sp.start()
+    for _ in range(50):
+        if len(sp.pids()) >= 2:
+            break
+        await asyncio.sleep(0.1)
+    pids = sp.pids()
+    assert len(pids) == 2
+    os.kill(pids[0], signal.SIGKILL)  # the leader crashes; its child lives on, ignoring SIGTERM
+    await asyncio.sleep(0.2)
+    assert not sp.alive and sp.returncode == -signal.SIGKILL
+    t0 = time.monotonic()
+    await sp.stop()
+    took = time.monotonic() - t0
+    assert ORPHAN_GRACE_S - 0.1 <= took < ORPHAN_GRACE_S + 3 and _gone(pids)
 
 
 async def test_descendant_that_left_the_group_is_killed_too(tmp_path: Path) -> None:
