@@ -22,7 +22,7 @@ from replay.errors import ReplayError
 from replay.record import ERROR, OK, Request, RequestRecord, record_for
 from replay.stub_server import Fault, StubServer, start_stub
 from replay.targets.base import Target
-from replay.targets.openai_http import HTTPTargetConfig, OpenAIHTTPTarget
+from replay.targets.openai_http import HTTPTargetConfig, OpenAIHTTPTarget, map_exception
 
 TTFT, ITL, N_OUT = 0.020, 0.005, 32
 
@@ -307,3 +307,91 @@ async def test_cancellation_is_recorded_and_reraised() -> None:
         assert r.status == OK
 
     await with_target({}, body)
+
+
+async def test_server_gone_after_start_is_counted_not_raised() -> None:
+    async with start_stub() as stub:
+        target = OpenAIHTTPTarget(HTTPTargetConfig(base_url=stub.base_url))
+        await target.start()
+    await asyncio.sleep(0.1)  # the pool sees its idle connections closed (else reuse reads as a reset)
+    try:
+        (r,) = await drive(target, 1)
+        assert r.status == ERROR and r.error == errors.CONNECT_REFUSED and r.first_byte_s is None
+    finally:
+        await target.close()
+
+
+def _sse(*events: bytes) -> bytes:
+    return b"".join(b"data: " + e + b"\n\n" for e in events)
+
+
+_TOK = b'{"choices":[{"index":0,"text":" a","finish_reason":null}]}'
+_LAST = b'{"choices":[{"index":0,"text":" b","finish_reason":"length"}]}'
+
+
+@pytest.mark.parametrize(
+    ("ctype", "payload", "status", "kind", "tokens"),
+    [
+        ("text/event-stream", _sse(_TOK, _LAST), OK, None, 2),  # finish_reason, no [DONE]: complete
+        ("text/event-stream", _sse(_TOK, _TOK), ERROR, errors.TRUNCATED, 2),  # neither
+        ("text/event-stream", _sse(_TOK) + b'data: {"choices":[{"ind', ERROR, errors.TRUNCATED, 1),
+        ("text/event-stream", _sse(_TOK, b'{"error":{"message":"dead","code":500}}'), ERROR, "http_500", 1),
+        ("text/event-stream", _sse(_TOK, b'{"choices":"nope"}', b"[DONE]"), ERROR, errors.MALFORMED, 1),
+        ("text/event-stream", _sse(_TOK, b"[1,2]", b"[DONE]"), ERROR, errors.MALFORMED, 1),
+        ("application/json", b'{"choices":[]}', ERROR, errors.MALFORMED, 0),
+    ],
+    ids=["finish-no-done", "no-finish-no-done", "cut-mid-line", "error-event", "bad-shape", "not-object",
+         "not-sse"],
+)  # fmt: skip
+async def test_scripted_streams(ctype: str, payload: bytes, status: str, kind: str | None,
+                                tokens: int) -> None:  # fmt: skip
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": ctype})
+        await resp.prepare(request)
+        half = len(payload) // 2  # two writes: events may straddle reads
+        await resp.write(payload[:half])
+        await asyncio.sleep(0.01)
+        await resp.write(payload[half:])
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    target = OpenAIHTTPTarget(HTTPTargetConfig(base_url=f"http://127.0.0.1:{port}/v1"))
+    try:
+        await target.start()
+        assert target.vllm_extensions is False
+        (r,) = await drive(target, 1)
+        assert (r.status, r.error, r.streamed_tokens()) == (status, kind, tokens), r.error_detail
+    finally:
+        await target.close()
+        await runner.cleanup()
+
+
+def test_map_exception_kinds() -> None:
+    import aiohttp
+    import orjson
+
+    try:
+        orjson.loads(b"{")
+    except orjson.JSONDecodeError as e:
+        bad_json: Exception = e
+    cases = [
+        (aiohttp.ConnectionTimeoutError("t"), errors.CONNECT_TIMEOUT),
+        (aiohttp.ServerDisconnectedError(), errors.CONNECTION_RESET),
+        (aiohttp.ClientPayloadError("p"), errors.CONNECTION_RESET),
+        (ConnectionResetError(104, "reset"), errors.CONNECTION_RESET),
+        (aiohttp.ClientOSError(32, "broken pipe"), errors.CONNECTION_RESET),
+        (bad_json, errors.MALFORMED),
+        (RuntimeError("bug"), errors.TARGET_ERROR),
+    ]
+    for exc, kind in cases:
+        assert map_exception(exc)[0] == kind, exc
