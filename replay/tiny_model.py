@@ -198,6 +198,8 @@ def build(out: Path | str | None = None, params: dict[str, Any] | None = None) -
     with _lock(out.parent / f".{out.name}.lock"):
         if is_built(out, fp):
             return out
+        if out.exists() and not out.is_dir():
+            raise ReplayError(f"{out}: exists and is not a directory")
         if out.exists() and any(out.iterdir()) and not (out / STAMP_FILE).exists():
             raise ReplayError(f"{out}: exists and is not a replay.tiny_model build; refusing to overwrite")
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -224,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     except ReplayError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        print(f"error: {args.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"{args.out}: built ({fp})")
     return 0
 

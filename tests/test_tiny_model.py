@@ -62,6 +62,14 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path: Path) -> None:
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+def test_cli_bad_out_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    assert tiny_model.main(["--out", str(a_file)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a directory" in err
+
+
 def test_cli_reports_up_to_date(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert tiny_model.main(["--out", str(model_dir)]) == 0
     assert "up to date" in capsys.readouterr().out
