@@ -154,6 +154,25 @@ class VLLMServerTarget:
         self._base: str | None = None
         if cfg.endpoint not in ("completions", "chat"):
             raise ReplayError(f"vllm: endpoint: {cfg.endpoint!r} is not 'completions' or 'chat'")
+        self._http_config("http://127.0.0.1:1")  # check the [http] keys now, not after a 60 s start
+
+    def _http_config(self, base: str) -> Any:
+        from replay.targets.openai_http import HTTPTargetConfig
+
+        cfg = self.cfg
+        fields = {
+            "base_url": base + "/v1",
+            "model": cfg.served_name() if not cfg.attach_url or cfg.served_model_name else None,
+            "endpoint": cfg.endpoint,
+            "vllm_extensions": True,
+            "name": "vllm",
+            **dict(cfg.http),
+        }
+        http_cfg = HTTPTargetConfig.from_dict(fields, source="vllm: http")
+        problems = [p for p in http_cfg.problems() if not p.startswith("base_url:")]
+        if problems:
+            raise ReplayError("vllm: http: " + "; ".join(problems))
+        return http_cfg
 
     @property
     def base_url(self) -> str:
@@ -170,7 +189,7 @@ class VLLMServerTarget:
         return self.process.pids() if self.process is not None else []
 
     async def start(self) -> None:
-        from replay.targets.openai_http import HTTPTargetConfig, OpenAIHTTPTarget
+        from replay.targets.openai_http import OpenAIHTTPTarget
 
         cfg = self.cfg
         try:
@@ -188,15 +207,7 @@ class VLLMServerTarget:
                 )
                 await self.process.start()
                 self._base = self.process.url
-            http_fields = {
-                "base_url": self._base + "/v1",
-                "model": cfg.served_name() if not cfg.attach_url or cfg.served_model_name else None,
-                "endpoint": cfg.endpoint,
-                "vllm_extensions": True,
-                "name": "vllm",
-                **dict(cfg.http),
-            }
-            http_cfg = HTTPTargetConfig.from_dict(http_fields, source="vllm: http")
+            http_cfg = self._http_config(self._base)
             self.http = OpenAIHTTPTarget(http_cfg)
             await self.http.start()
         except BaseException:
