@@ -58,8 +58,11 @@ test: install model
 	$(PY) -m ruff check replay tests
 	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
 
+# Figures, not tests: each script writes bench/results*.md (+ .json). Best on a quiet machine.
 bench: install model
-	$(PY) bench/run_bench.py $(ARGS)
+	$(PY) bench/core_bench.py        # issue 2: measured vs the stub's served truth, beside vllm bench serve
+	$(PY) bench/scaleout.py          # issue 7: tokens/s sustained with TTFT error < 2 ms, 1 vs 2 workers
+	$(PY) bench/soak_memory.py       # issue 5: tool RSS after 10k / 100k / 1M requests
 
 lint: install
 	$(PY) -m ruff check replay tests bench
