@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import tempfile
 import threading
@@ -35,6 +34,7 @@ from replay.merge import IntervalMerger, finish_run, merge_request_files
 from replay.run import START_LEAD_S, RunResult
 from replay.runfiles import IntervalLog, JsonlWriter
 from replay.shard import IntervalReport, ScheduleFactory, ShardRunner, ShardSpec, TargetFactory, WorkerResult
+from replay.workers import install_signals
 
 CLOCK_ROUNDS = 15
 READY_TIMEOUT_S = 300.0
@@ -188,9 +188,7 @@ async def execute_ray(
         for a in actors:
             (a.stop if signals[0] == 1 else a.cancel).remote()
 
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_signal)
+    undo_signals = install_signals(on_signal)
     try:
         try:
             infos = await asyncio.wait_for(
@@ -242,8 +240,7 @@ async def execute_ray(
                 clock_rtt_ms=round(rtt * 1e3, 3),
             )
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        undo_signals()
         for a in actors:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(_aw(a.close.remote()), 30)

@@ -82,6 +82,25 @@ def resolve_workers(
     return requested or auto_workers(offered_rate, output_tokens)
 
 
+def install_signals(handler: Any) -> Any:
+    """SIGINT/SIGTERM -> `handler` on the running loop; returns the undo. Off the main thread
+    (where signals cannot be caught) it installs nothing: the caller stops the run its own way."""
+    loop = asyncio.get_running_loop()
+    done = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, handler)
+        except (ValueError, RuntimeError, NotImplementedError):
+            break
+        done.append(sig)
+
+    def undo() -> None:
+        for sig in done:
+            loop.remove_signal_handler(sig)
+
+    return undo
+
+
 # ---- worker process ---------------------------------------------------------------------------
 
 
@@ -240,10 +259,8 @@ async def execute_workers(
         procs.append(proc)
         conns.append(parent_end)
     hub = _Hub(conns)
-    loop = asyncio.get_running_loop()
     hub.watch()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, hub.on_signal)
+    undo_signals = install_signals(hub.on_signal)
     lost: list[str] = []
     try:
         ok = await hub.wait(
@@ -274,8 +291,7 @@ async def execute_workers(
             if w not in hub.results:
                 lost.append(f"worker {w} lost: {hub.errors.get(w, 'exited without results')}")
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
+        undo_signals()
         hub.unwatch()
         await asyncio.to_thread(_join, procs)
         for conn in conns:
