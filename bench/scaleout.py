@@ -14,8 +14,10 @@ record, request received -> first token written): what the load generator adds. 
 when every request succeeded, the achieved output rate is at least 90% of what the level's requests
 could deliver and the TTFT error at p99 is under 2 ms; a tool's sustained figure is the offered
 tokens/s of its highest passing level before the first failure. Stub CPU (psutil, its pid) at
-85% or more, or served write lateness p99 over 1 ms, marks a level where the stub, not the
-client, may be the limit.
+Served write lateness p99 over 1 ms marks a level where the stub, not the client, may be the
+limit. The stub runs with `--spin-ms 0` by default: its busy-wait before each write (for write-time
+precision) would hold its core at ~80% even at light load, which on a 2-core machine leaves a
+second worker no core; lateness stays in its served truth either way.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 TTFT_ERROR_P99_MS = 2.0
 ACHIEVED_MIN = 0.90
-STUB_BUSY_CPU = 85.0
 STUB_LATE_P99_MS = 1.0
 VLLM_BENCH = (
     "import sys\n"
@@ -57,11 +58,11 @@ def http_json(url: str, method: str = "GET") -> Any:
 
 
 class Stub:
-    def __init__(self, url: str | None, core: int, ttft_ms: float, itl_ms: float) -> None:
+    def __init__(self, url: str | None, core: int, ttft_ms: float, itl_ms: float, spin_ms: float) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
         if url is None:
             cmd = [PY, "-m", "replay.stub_server", "--port", "0", "--vllm", "--model", "stub",
-                   "--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms)]  # fmt: skip
+                   "--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms), "--spin-ms", str(spin_ms)]  # fmt: skip
             if shutil.which("taskset"):
                 cmd = ["taskset", "-c", str(core), *cmd]
             env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -162,9 +163,7 @@ def level(tool: str, stub: Stub, rate: float, a: argparse.Namespace, d: Path, se
     row["stub_cpu"] = None if cpu0 is None else round(100 * (cpu1 - cpu0) / min(busy, wall), 1)
     row["err_p50"] = _diff(row["ttft_p50"], row["served_ttft_p50"])
     row["err_p99"] = _diff(row["ttft_p99"], row["served_ttft_p99"])
-    row["stub_limited"] = bool(
-        (row["stub_cpu"] or 0) >= STUB_BUSY_CPU or (row["served_late_p99"] or 0) > STUB_LATE_P99_MS
-    )
+    row["stub_limited"] = bool((row["served_late_p99"] or 0) > STUB_LATE_P99_MS)
     # What this level's draw of Poisson arrivals could deliver: its requests' tokens over the run
     # plus the last request's service time (both tools divide by that span).
     deliverable = row["scheduled"] * a.tokens / (a.seconds + (a.ttft_ms + a.tokens * a.itl_ms) / 1e3)
@@ -213,7 +212,7 @@ def report(results: dict[str, list[dict[str, Any]]], a: argparse.Namespace, meta
     )
     lines.append(
         f"Machine: {meta['cores']} cores ({meta['cpu']}), Python {meta['python']}; stub pinned to core "
-        f"{meta['stub_core']}; load average before {meta['load_before']}, after {meta['load_after']}; "
+        f"{meta['stub_core']} (spin {a.stub_spin_ms:g} ms); load average before {meta['load_before']}, after {meta['load_after']}; "
         f"{meta['date']}."
     )
     lines.append(
@@ -260,6 +259,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--url", default=None, help="a running stub (default: start one here)")
     ap.add_argument("--stub-core", type=int, default=1)
+    ap.add_argument("--stub-spin-ms", type=float, default=0.0)
     ap.add_argument("--ttft-ms", type=float, default=20.0)
     ap.add_argument("--itl-ms", type=float, default=2.0)
     ap.add_argument("--tokens", type=int, default=128)
@@ -279,7 +279,9 @@ def main() -> int:
         "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
-    stub = Stub(a.url, a.stub_core, a.ttft_ms, a.itl_ms)
+    if os.getloadavg()[0] > 1.5:
+        print(f"warning: load average {os.getloadavg()[0]:.2f}: figures will include other processes' noise")
+    stub = Stub(a.url, a.stub_core, a.ttft_ms, a.itl_ms, a.stub_spin_ms)
     results: dict[str, list[dict[str, Any]]] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="scaleout-") as tmp:

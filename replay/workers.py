@@ -34,11 +34,15 @@ from replay.run import START_LEAD_S, RunResult
 from replay.runfiles import IntervalLog, JsonlWriter
 from replay.shard import ScheduleFactory, ShardRunner, ShardSpec, TargetFactory, WorkerResult
 
-# Per-worker budgets for `--workers auto`: provisional, set well below what one worker is expected
-# to sustain against the stub with TTFT error under 2 ms at p99 (bench/scaleout.py measures it;
-# see bench/results-scaleout.md), since a worker near its limit queues and inflates TTFT.
-TOKENS_PER_WORKER_S = 15_000.0  # streamed tokens (SSE events) per second
-REQUESTS_PER_WORKER_S = 400.0  # new streams per second
+# `--workers auto` sizes by client CPU. Measured with one worker (aiohttp + SSE decoding, uvloop)
+# against the stub on the 2-core development VM: 100 req/s x 16 tokens cost 9.1% of a core,
+# 100 x 128 tokens 24.1%, 200 x 128 tokens 38.4%, i.e. about 13 us per streamed token and about
+# 0.55 ms per request. A worker is planned at 40% of a core: a busier event loop starts to queue
+# token reads, which shows as TTFT/ITL the server did not cause (a headroom choice, pending a
+# quiet-machine run of bench/scaleout.py).
+CPU_PER_TOKEN_S = 13e-6
+CPU_PER_REQUEST_S = 0.55e-3
+WORKER_BUSY = 0.40
 READY_TIMEOUT_S = 300.0  # workers' target start (model lookup, connection warm-up)
 START_MARGIN_S = 0.2  # for "start" to reach every worker before t0
 JOIN_TIMEOUT_S = 10.0
@@ -60,11 +64,11 @@ def is_process_local(target: Any) -> bool:
 
 
 def auto_workers(offered_rate: float | None, output_tokens: int, cores: int | None = None) -> int:
-    """Enough workers for the offered load by the per-worker budgets, at most one per core."""
+    """Enough workers for the offered load at `WORKER_BUSY` of a core each, at most one per core."""
     cores = cores or available_cores()
     rate = offered_rate or 0.0
-    need = max(rate * output_tokens / TOKENS_PER_WORKER_S, rate / REQUESTS_PER_WORKER_S, 1.0)
-    return max(1, min(cores, math.ceil(need)))
+    cpu = rate * (output_tokens * CPU_PER_TOKEN_S + CPU_PER_REQUEST_S)  # cores' worth of client work
+    return max(1, min(cores, math.ceil(cpu / WORKER_BUSY)))
 
 
 def resolve_workers(

@@ -23,8 +23,9 @@ from replay.run import execute
 from replay.shard import SyntheticSchedule
 from replay.targets.fake import FakeTarget
 from replay.workers import (
-    REQUESTS_PER_WORKER_S,
-    TOKENS_PER_WORKER_S,
+    CPU_PER_REQUEST_S,
+    CPU_PER_TOKEN_S,
+    WORKER_BUSY,
     auto_workers,
     execute_workers,
     resolve_workers,
@@ -200,11 +201,12 @@ async def test_a_lost_worker_is_named_and_the_run_marked_partial(tmp_path: Path)
     assert s["counts"]["scheduled"] == len(list(sched(0, 2)))  # worker 0's share, all accounted
 
 
-def test_auto_workers_by_budget_and_cores() -> None:
+def test_auto_workers_by_client_cpu_and_cores() -> None:
+    per_worker_tok_s = WORKER_BUSY / CPU_PER_TOKEN_S  # token-bound load one worker is planned for
     assert auto_workers(None, 100, cores=8) == 1
     assert auto_workers(10.0, 100, cores=8) == 1
-    assert auto_workers(TOKENS_PER_WORKER_S / 100 * 2.5, 100, cores=8) == 3
-    assert auto_workers(REQUESTS_PER_WORKER_S * 3.5, 1, cores=8) == 4
+    assert auto_workers(per_worker_tok_s * 2.5 / 1000, 1000, cores=8) == 3
+    assert auto_workers(WORKER_BUSY / CPU_PER_REQUEST_S * 3.5, 0, cores=8) == 4
     assert auto_workers(1e6, 1000, cores=2) == 2  # never more than the cores
     fake, local = FakeTarget(), FakeTarget()
     local.process_local = True  # type: ignore[attr-defined]
