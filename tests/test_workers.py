@@ -66,6 +66,20 @@ class DyingTarget(FakeTarget):
         await super().send(request, record)
 
 
+class BlockingTarget(FakeTarget):
+    """Blocks its worker's event loop for `block_s` on every request of worker 1 (odd ids):
+    that worker falls behind, the other does not."""
+
+    def __init__(self, block_s: float, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.block_s = block_s
+
+    async def send(self, request: Request, record: RequestRecord) -> None:
+        if request.id % 2 == 1:
+            time.sleep(self.block_s)
+        await super().send(request, record)
+
+
 def rows(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in path.read_bytes().splitlines()]
 
@@ -199,6 +213,32 @@ async def test_a_lost_worker_is_named_and_the_run_marked_partial(tmp_path: Path)
     assert any(r.startswith("worker 1 lost") for r in s["selfcheck"]["reasons"])
     assert [e["index"] for e in s["workers"]["each"]] == [0]
     assert s["counts"]["scheduled"] == len(list(sched(0, 2)))  # worker 0's share, all accounted
+
+
+async def test_the_summary_names_the_worker_that_fell_behind(tmp_path: Path) -> None:
+    sched = SyntheticSchedule.from_config(CFG)
+    factory = functools.partial(BlockingTarget, 0.02, ttft_s=0.01, itl_s=0.002)
+    res = await execute_workers(CFG, factory, sched, tmp_path, 150.0, workers=2)
+    s = res.summary
+    w0, w1 = s["workers"]["each"]
+    assert w1["fell_behind"] and 1 in s["selfcheck"]["workers_behind"] and not s["selfcheck"]["trustworthy"]
+    assert any(r.startswith("worker 1 (") for r in s["selfcheck"]["reasons"])
+    # 75 req/s x 20 ms of blocking: worker 1 is a second or more behind by the end, worker 0 is not.
+    assert w1["dispatch_lag_p99_ms"] > 200 and w1["dispatch_lag_p99_ms"] > 10 * w0["dispatch_lag_p99_ms"]
+    assert s["counts"]["accounted"] and s["counts"]["ok"] == s["counts"]["scheduled"]
+
+
+async def test_closed_loop_streams_are_split_over_workers(tmp_path: Path) -> None:
+    cfg = RunConfig(target="fake", concurrency=4, duration_s=2.0, output_tokens=12, interval_s=1.0)
+    sched = SyntheticSchedule.from_config(cfg)
+    res = await execute_workers(
+        cfg, functools.partial(FakeTarget, ttft_s=0.02, itl_s=0.004), sched, tmp_path, None, 2
+    )
+    s = res.summary
+    # 4 streams back to back, each request 20 + 11 x 4 = 64 ms: about 4 x 2 s / 64 ms = 125 requests.
+    assert s["counts"]["accounted"] and not s["counts"]["not_sent"]
+    assert 80 <= s["counts"]["ok"] <= 130
+    assert [e["scheduled"] > 30 for e in s["workers"]["each"]] == [True, True]  # both workers streamed
 
 
 def test_auto_workers_by_client_cpu_and_cores() -> None:
