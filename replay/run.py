@@ -31,6 +31,7 @@ from replay.recorder import Recorder
 from replay.report import build_summary
 from replay.runfiles import IntervalLog, JsonlWriter, RequestLog
 from replay.selfcheck import Bounds, LoopLagMonitor, verdict
+from replay.sidecar import Sidecar
 from replay.targets.base import Target
 
 START_LEAD_S = 0.05  # first intended send is this far after t0 is fixed, so request 0 is not late
@@ -70,7 +71,7 @@ class _Run:
         self.monitor = LoopLagMonitor()
         self.signals = 0
         self.t0 = 0.0
-        self.last_server: dict[str, float] = {}
+        self.sidecar = Sidecar(target, run_dir)
         self.drift = DriftTracker(cfg.interval_s)
         self.proc = psutil.Process()
         self.proc.cpu_percent()  # prime: the next call reports CPU since now
@@ -121,7 +122,7 @@ class _Run:
         self.rss_peak_mb = max(self.rss_peak_mb, rss_mb)
         row["client.rss_mb"] = round(rss_mb, 1)
         row["client.cpu_percent"] = round(self.proc.cpu_percent(), 1)
-        row.update({f"server.{k}": v for k, v in self.last_server.items()})
+        row.update({f"server.{k}": v for k, v in self.sidecar.last.items()})
         self.drift.add(hists, row)
         self.timeseries.write(row)
         self.timeseries.flush()
@@ -141,6 +142,7 @@ class _Run:
             loop.add_signal_handler(sig, self._on_signal)
         self.t0 = time.perf_counter() + START_LEAD_S
         self.monitor.start()
+        self.sidecar.start(self.t0)
         ticker = asyncio.ensure_future(self._intervals(hlog))
         progress = (
             Progress(self, self.cfg.duration_s, offered_rate) if Progress.wanted(self.cfg.quiet) else None
@@ -156,6 +158,7 @@ class _Run:
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
             await self.monitor.stop()
+            await self.sidecar.stop()
             if progress:
                 await progress.stop()
             elapsed = time.perf_counter() - self.t0
@@ -194,7 +197,11 @@ class _Run:
             offered_rate=offered_rate,
             partial=partial,
             error_examples=self.recorder.error_examples,
-            extra={"drift": self.drift.verdict(), "client": {"rss_peak_mb": round(self.rss_peak_mb, 1)}},
+            extra={
+                "drift": self.drift.verdict(),
+                "client": {"rss_peak_mb": round(self.rss_peak_mb, 1)},
+                "server": self.sidecar.summary(),
+            },
         )
         (self.run_dir / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
         if partial:
