@@ -255,3 +255,44 @@ def _pgid(pid: int) -> int | None:
 def test_free_port_is_bindable() -> None:
     p = free_port()
     assert 0 < p < 65536 and not port_in_use("127.0.0.1", p)
+
+
+STARTING = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from replay.server_process import ServerProcess
+    async def main():
+        cmd = [sys.executable, "-c", "import time; time.sleep(120)"]
+        sp = ServerProcess(cmd, Path(sys.argv[1]), startup_timeout_s=100, grace_s=2)
+        task = asyncio.create_task(sp.start())
+        while sp.pid is None:
+            await asyncio.sleep(0.01)
+        print(sp.pid, flush=True)
+        await task
+    asyncio.run(main())
+    """
+)
+
+
+def test_ctrl_c_during_startup_stops_the_server(tmp_path: Path) -> None:
+    """Ctrl-C while the server loads (vLLM: a minute): asyncio.run cancels start(), which stops it."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    parent = subprocess.Popen(
+        [sys.executable, "-c", STARTING, str(tmp_path / "s.log")], stdout=subprocess.PIPE, env=env, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        leader = int(parent.stdout.readline())
+        time.sleep(0.3)
+        parent.send_signal(signal.SIGINT)
+        t0 = time.monotonic()
+        parent.wait(timeout=20)
+        assert time.monotonic() - t0 < 5  # no wait for the 100 s deadline
+        assert parent.returncode != 0
+        assert _gone([leader])
+    finally:
+        parent.kill()
+        parent.wait()
+        with contextlib.suppress(OSError):
+            os.killpg(leader, signal.SIGKILL)

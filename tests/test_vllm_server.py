@@ -263,6 +263,25 @@ async def test_prefix_cache_hits_counted(server: VLLMServerTarget) -> None:
 
 @pytest.mark.vllm
 @module_loop
+async def test_attach_to_running_server(server: VLLMServerTarget, tmp_path: Path) -> None:
+    """attach_url: nothing started, the model found via /v1/models, and close() leaves the server up."""
+    import aiohttp
+
+    t = VLLMServerTarget(VLLMServerConfig(model="unused", attach_url=server.base_url + "/v1"), tmp_path)
+    await t.start()
+    try:
+        assert t.process is None and t.pids() == [] and t.metrics_url == server.metrics_url
+        rec = (await _send_all(t, [_req(0, 10, 7, salt=4)]))[0]
+        assert rec.status == OK and rec.output_tokens == 7
+    finally:
+        await t.close()
+    assert not t.log_path.exists()
+    async with aiohttp.ClientSession() as http, http.get(server.base_url + "/health") as r:
+        assert r.status == 200
+
+
+@pytest.mark.vllm
+@module_loop
 async def test_server_crash_mid_run(server: VLLMServerTarget) -> None:
     """SIGKILL the API server while 6 requests stream: each ends as a connection error, later sends
     are refused, close() still stops what is left of the tree, and the log stays."""
