@@ -113,9 +113,7 @@ def build_config(cls: type, values: Mapping[str, Any], path: Path, text: str) ->
             )
         hint = hints[key]
         if not _accepts(value, hint):
-            raise ReplayError(
-                f"{_where(path, text, key)}: {key}: expected {_type_name(hint)}, got {value!r}"
-            )
+            raise ReplayError(f"{_where(path, text, key)}: {key}: expected {_type_name(hint)}, got {value!r}")
         kwargs[key] = tuple(value) if isinstance(value, list) else value
     missing = [
         n for n, f in fields.items()
