@@ -97,3 +97,16 @@ def test_accounting_and_summary_shape():
     assert H.decode(s["histograms"]["ttft"]).get_total_count() == 1
     table = console_table(s)
     assert "http_503=1" in table and "stopped=1" in table
+
+
+def test_fast_percentiles_equal_hdrh_exactly():
+    rng = np.random.default_rng(5)
+    for n in (1, 2, 17, 1000, 20_000):
+        h = H.new()
+        for v in rng.lognormal(9, 2, n).astype(int):
+            h.record_value(int(min(max(v, 0), H.HIGHEST)))
+        ps = (0.0, 1.0, 50.0, 90.0, 99.0, 99.9, 99.99, 100.0)
+        assert H.percentiles(h, ps) == [h.get_value_at_percentile(p) for p in ps]
+        assert abs(H.mean(h) - h.get_mean_value()) <= 1e-9 * h.get_mean_value()
+        d = H.decode(H.encode(h))
+        assert H.percentiles(d, ps) == H.percentiles(h, ps)
