@@ -169,9 +169,13 @@ class ServerProcess:
         startup_timeout_s: float = 600.0,
         grace_s: float = 10.0,
         name: str = "server",
+        port_picked: bool = False,
     ) -> None:
+        """`port_picked`: `port` came from free_port() earlier (so a caller could publish the URL
+        before launch), not from the user; only the wording of the port-taken error differs."""
         self.host = host
         self.port_given = port is not None
+        self.port_picked = port_picked
         self.port = port if port is not None else 0
         self._command = command
         self.log_path = Path(log_path)
@@ -235,10 +239,12 @@ class ServerProcess:
             raise ReplayError(f"{self.name}: already started (pid {self._proc.pid})")
         if self.port_given:
             if port_in_use(self.host, self.port):
-                raise ReplayError(
-                    f"{self.name}: port {self.port} on {self.host} is already in use; "
-                    "choose another port or leave it unset to pick a free one"
+                fix = (
+                    "it was free when picked; another process took it since: run again"
+                    if self.port_picked
+                    else "choose another port or leave it unset to pick a free one"
                 )
+                raise ReplayError(f"{self.name}: port {self.port} on {self.host} is already in use; {fix}")
         else:
             self.port = free_port(self.host)
         cmd = self._command(self.port) if callable(self._command) else self._command

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import time
@@ -115,6 +116,8 @@ def test_command_and_env(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         build_command(_cfg(tiny, launcher="x"), 1)
     t = VLLMServerTarget(cfg, tiny)
     assert t.vocab_size == 8192 and t.log_path == tiny / "server.log"
+    # Not started: no processes, but the URL is already known (a sampler may be built first).
+    assert t.pids() == [] and re.fullmatch(r"http://127\.0\.0\.1:\d+/metrics", t.metrics_url)
     described = str(t.describe())
     assert "sekret" not in described
     # A GPU build with a working CLI: `vllm serve MODEL`, no CPU KV-cache default.
@@ -138,6 +141,15 @@ async def test_port_in_use_refused_nothing_started(tiny: Path, tmp_path: Path) -
     assert t.process is not None and t.process.pid is None and t.pids() == []
     assert not t.log_path.exists()
     await t.close()
+    # An automatic port is picked when the target is made; taken before start(): a clear refusal too.
+    auto = VLLMServerTarget(_cfg(tiny), tmp_path)
+    port = int(auto.base_url.rsplit(":", 1)[1])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        with pytest.raises(ReplayError, match=rf"port {port} .* in use; it was free when picked"):
+            await auto.start()
+    assert auto.process is not None and auto.process.pid is None and not auto.log_path.exists()
 
 
 @pytest.mark.vllm

@@ -20,7 +20,7 @@ from typing import Any
 
 from replay.errors import ReplayError
 from replay.record import Request, RequestRecord
-from replay.server_process import LOOPBACK, ServerProcess
+from replay.server_process import LOOPBACK, ServerProcess, free_port
 
 LAUNCHERS = ("auto", "cli", "module")
 _SECRET_FLAG = re.compile(r"key|token|secret|password", re.IGNORECASE)
@@ -151,7 +151,14 @@ class VLLMServerTarget:
         self.vocab_size = model_vocab_size(cfg.model)
         self.process: ServerProcess | None = None
         self.http: Any = None  # OpenAIHTTPTarget once started
-        self._base: str | None = None
+        # The URL is fixed now, so metrics_url can be handed to a sampler before start(). An
+        # automatic port is picked free here; if taken by launch time, start() says so.
+        if cfg.attach_url:
+            self._port: int | None = None
+            self._base = re.sub(r"/v1/?$", "", cfg.attach_url.rstrip("/"))
+        else:
+            self._port = cfg.port if cfg.port is not None else free_port(LOOPBACK)
+            self._base = f"http://{LOOPBACK}:{self._port}"
         if cfg.endpoint not in ("completions", "chat"):
             raise ReplayError(f"vllm: endpoint: {cfg.endpoint!r} is not 'completions' or 'chat'")
         self._http_config("http://127.0.0.1:1")  # check the [http] keys now, not after a 60 s start
@@ -176,14 +183,12 @@ class VLLMServerTarget:
 
     @property
     def base_url(self) -> str:
-        """Server root (no /v1); known after start()."""
-        if self._base is None:
-            raise ReplayError("vllm: target not started")
+        """Server root (no /v1)."""
         return self._base
 
     @property
     def metrics_url(self) -> str:
-        return self.base_url + "/metrics"
+        return self._base + "/metrics"
 
     def pids(self) -> list[int]:
         return self.process.pids() if self.process is not None else []
@@ -193,20 +198,18 @@ class VLLMServerTarget:
 
         cfg = self.cfg
         try:
-            if cfg.attach_url:
-                self._base = re.sub(r"/v1/?$", "", cfg.attach_url.rstrip("/"))
-            else:
+            if not cfg.attach_url:
                 self.process = ServerProcess(
                     lambda port: build_command(cfg, port),
                     self.log_path,
-                    port=cfg.port,
+                    port=self._port,
+                    port_picked=cfg.port is None,
                     env=server_env(cfg, os.environ),
                     startup_timeout_s=cfg.startup_timeout_s,
                     grace_s=cfg.grace_s,
                     name="vllm",
                 )
                 await self.process.start()
-                self._base = self.process.url
             http_cfg = self._http_config(self._base)
             self.http = OpenAIHTTPTarget(http_cfg)
             await self.http.start()
