@@ -21,9 +21,10 @@ def test_shipped_vllm_target(tmp_path: Path) -> None:
     assert isinstance(t.cfg.extra_args, tuple) and "--max-num-seqs" in t.cfg.extra_args
     assert t.cfg.http["stall_timeout_s"] == 60
     assert t.run_dir == tmp_path and t.log_path == tmp_path / "server.log" and t.vocab_size == 8192
-    # The CLI's --model means what to serve for a vllm target.
-    t2 = load_target("vllm", tmp_path, {"model": "/models/x", "endpoint": "chat"})
-    assert isinstance(t2, VLLMServerTarget) and t2.cfg.model == "/models/x" and t2.cfg.endpoint == "chat"
+    # The CLI's --model is the model name on the server: for vllm, the name it serves under.
+    t2 = load_target("vllm", tmp_path, {"model": "big", "endpoint": "chat"})
+    assert isinstance(t2, VLLMServerTarget) and t2.cfg.served_name() == "big" and t2.cfg.endpoint == "chat"
+    assert t2.cfg.model == t.cfg.model
 
 
 def test_shipped_openai_target_and_urls(tmp_path: Path) -> None:
@@ -94,9 +95,7 @@ def test_transformers_kind_is_lazy_and_maps_model(tmp_path: Path) -> None:
     t = load_target(str(path), tmp_path, {"endpoint": "completions", "model": None})
     assert type(t).__name__ == "TransformersLocalTarget"
     assert t.config.model_dir == str(tiny_model.build()) and t.config.device == "cpu"  # type: ignore[attr-defined]
-    alt = tmp_path / "alt-model"
-    alt.symlink_to(tiny_model.build(), target_is_directory=True)
-    t2 = load_target(str(path), tmp_path, {"model": str(alt)})
-    assert t2.config.model_dir == str(alt)  # type: ignore[attr-defined]
+    with pytest.raises(ReplayError, match="--model: the transformers target has no server model name"):
+        load_target(str(path), tmp_path, {"model": "x"})
     with pytest.raises(ReplayError, match="completions only"):
         load_target(str(path), tmp_path, {"endpoint": "chat"})

@@ -133,13 +133,17 @@ def _resolve_model(value: str) -> str:
 
 
 def _apply_overrides(kind: str, values: dict[str, Any], overrides: Mapping[str, Any]) -> None:
-    """Command-line settings (None = not given). `model` is what to serve for vllm and transformers
-    (a model dir or name), and the model name to request for openai."""
+    """Command-line settings (None = not given). `model` is the model name on the server (the CLI's
+    --model): the name requested for openai, the name vLLM serves under for vllm."""
     for key, value in overrides.items():
         if value is None:
             continue
-        if kind == "transformers" and key == "model":
-            values["model_dir"] = value
+        if kind == "vllm" and key == "model":
+            values["served_model_name"] = value
+        elif kind == "transformers" and key == "model":
+            raise ReplayError(
+                "--model: the transformers target has no server model name; set model_dir in its file"
+            )
         elif kind == "transformers" and key == "endpoint":
             if value != "completions":
                 raise ReplayError(f"endpoint: the transformers target serves completions only, not {value!r}")
