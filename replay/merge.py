@@ -11,7 +11,7 @@ them into one requests.jsonl ordered by end time (intended time for requests nev
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -115,7 +115,15 @@ class IntervalMerger:
     """Writes interval k (intervals.hlog + a timeseries row) once every live worker has reported
     k or moved past it, so the files grow during the run as with one process."""
 
-    def __init__(self, workers: int, hlog: IntervalLog, timeseries: JsonlWriter, interval_s: float) -> None:
+    def __init__(
+        self,
+        workers: int,
+        hlog: IntervalLog,
+        timeseries: JsonlWriter,
+        interval_s: float,
+        row_extra: Callable[[], dict[str, Any]] | None = None,  # e.g. the server sidecar's last sample
+    ) -> None:
+        self.row_extra = row_extra
         self.hlog = hlog
         self.timeseries = timeseries
         self.interval_s = interval_s
@@ -175,6 +183,8 @@ class IntervalMerger:
             "client.rss_mb": round(rss, 1),
             "client.cpu_percent": round(sum(r.cpu_percent for r in reps), 1),
         }
+        if self.row_extra is not None:
+            row.update(self.row_extra())
         self.rss_peak_mb = max(self.rss_peak_mb, rss)
         self.drift.add(hists, row)
         self.timeseries.write(row)
@@ -223,6 +233,7 @@ def finish_run(
     target: dict[str, Any],
     executor: dict[str, Any],
     merger: IntervalMerger | None = None,
+    server: dict[str, Any] | None = None,
     bounds: Bounds | None = None,
 ) -> RunResult:
     """Merge the workers' results into summary.json, in the one-process form plus a `workers` section."""
@@ -246,6 +257,7 @@ def finish_run(
             "workers": {**executor, "count": executor.get("count", len(results)), "each": entries},
             "drift": merger.drift.verdict() if merger else {"verdict": "too_short", "detail": "no intervals"},
             "client": {"rss_peak_mb": round(merger.rss_peak_mb, 1) if merger else None},
+            "server": server or {},
         },
     )
     (run_dir / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))

@@ -34,7 +34,8 @@ from replay.merge import IntervalMerger, finish_run, merge_request_files
 from replay.run import START_LEAD_S, RunResult
 from replay.runfiles import IntervalLog, JsonlWriter
 from replay.shard import IntervalReport, ScheduleFactory, ShardRunner, ShardSpec, TargetFactory, WorkerResult
-from replay.workers import install_signals
+from replay.sidecar import Sidecar
+from replay.workers import install_signals, sidecar_row
 
 CLOCK_ROUNDS = 15
 READY_TIMEOUT_S = 300.0
@@ -163,6 +164,7 @@ async def execute_ray(
     workers: int | None,
     address: str = "auto",
     target_info: dict[str, Any] | None = None,
+    server_target: Any = None,
 ) -> RunResult:
     """One run split over Ray actors (placed with SPREAD, one CPU each) into `run_dir`.
 
@@ -204,11 +206,13 @@ async def execute_ray(
         start_wall = time.time() + lead
         hlog = IntervalLog(run_dir / "intervals.hlog", start_wall)
         timeseries = JsonlWriter(run_dir / "timeseries.jsonl")
-        merger = IntervalMerger(n, hlog, timeseries, cfg.interval_s)
+        sidecar = Sidecar(server_target, run_dir)
+        merger = IntervalMerger(n, hlog, timeseries, cfg.interval_s, sidecar_row(sidecar))
         pending = {
             asyncio.ensure_future(_aw(a.run.remote(start_wall + off))): w
             for w, (a, (off, _)) in enumerate(zip(actors, clocks, strict=True))
         }
+        sidecar.start(time.perf_counter() + (start_wall - time.time()))  # the driver's own t0
         results: dict[int, WorkerResult] = {}
         lost: list[str] = []
         try:
@@ -225,6 +229,7 @@ async def execute_ray(
                         lost.append(f"worker {w} lost: {_one_line(exc)}")
                     merger.worker_done(w)
         finally:
+            await sidecar.stop()
             for w in range(n):
                 merger.worker_done(w)
             hlog.close()
@@ -257,6 +262,7 @@ async def execute_ray(
         interrupted=signals[0] > 0,
         target=target_info or (ordered[0].target if ordered else {}),
         merger=merger,
+        server=sidecar.summary(),
         executor={
             "mode": "ray",
             "count": n,

@@ -83,7 +83,7 @@ async def _scaled(
         if ray is not None:
             from replay.ray_executor import execute_ray
 
-            return await execute_ray(cfg, factory, sched, run_dir, offered_rate, n or None, ray, info)
-        return await execute_workers(cfg, factory, sched, run_dir, offered_rate, n, info)
+            return await execute_ray(cfg, factory, sched, run_dir, offered_rate, n or None, ray, info, target)
+        return await execute_workers(cfg, factory, sched, run_dir, offered_rate, n, info, target)
     finally:
         await target.close()

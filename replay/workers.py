@@ -33,6 +33,7 @@ from replay.merge import IntervalMerger, finish_run, merge_request_files
 from replay.run import START_LEAD_S, RunResult
 from replay.runfiles import IntervalLog, JsonlWriter
 from replay.shard import ScheduleFactory, ShardRunner, ShardSpec, TargetFactory, WorkerResult
+from replay.sidecar import Sidecar
 
 # `--workers auto` sizes by client CPU. Measured with one worker (aiohttp + SSE decoding, uvloop)
 # against the stub on the 2-core development VM: 100 req/s x 16 tokens cost 9.1% of a core,
@@ -103,6 +104,11 @@ def install_signals(handler: Any) -> Any:
             loop.remove_signal_handler(sig)
 
     return undo
+
+
+def sidecar_row(sidecar: Sidecar) -> Any:
+    """The sidecar's latest server sample as timeseries columns, as one process writes them."""
+    return lambda: {f"server.{k}": v for k, v in sidecar.last.items()}
 
 
 # ---- worker process ---------------------------------------------------------------------------
@@ -242,11 +248,13 @@ async def execute_workers(
     offered_rate: float | None,
     workers: int,
     target_info: dict[str, Any] | None = None,
+    server_target: Any = None,
 ) -> RunResult:
     """One run split over `workers` processes into `run_dir`; the same files as `replay.run.execute`.
 
     `target_factory` (picklable) builds each worker's own target; a server the run depends on is
-    the caller's to start and stop. `schedule(w, n)` gives worker w's share (`replay.shard`).
+    the caller's to start and stop, and `server_target` (the caller's started target, if any) is
+    what the parent's sidecar scrapes. `schedule(w, n)` gives worker w's share (`replay.shard`).
     """
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.concurrency:  # closed loop: every worker needs at least one stream
@@ -263,6 +271,7 @@ async def execute_workers(
         procs.append(proc)
         conns.append(parent_end)
     hub = _Hub(conns)
+    sidecar = Sidecar(server_target, run_dir)
     hub.watch()
     undo_signals = install_signals(hub.on_signal)
     lost: list[str] = []
@@ -282,11 +291,13 @@ async def execute_workers(
         t0 = time.perf_counter() + START_LEAD_S + START_MARGIN_S
         hlog = IntervalLog(run_dir / "intervals.hlog", time.time() + (t0 - time.perf_counter()))
         timeseries = JsonlWriter(run_dir / "timeseries.jsonl")
-        hub.merger = IntervalMerger(workers, hlog, timeseries, cfg.interval_s)
+        hub.merger = IntervalMerger(workers, hlog, timeseries, cfg.interval_s, sidecar_row(sidecar))
         hub.send_all(("start", t0))
+        sidecar.start(t0)
         try:
             await hub.wait(lambda: all(w in hub.results or w in hub.closed for w in range(workers)))
         finally:
+            await sidecar.stop()
             for w in range(workers):
                 hub.merger.worker_done(w)
             hlog.close()
@@ -312,6 +323,7 @@ async def execute_workers(
         target=target_info or (results[0].target if results else {}),
         executor={"mode": "processes", "count": workers},
         merger=hub.merger,
+        server=sidecar.summary(),
     )
 
 

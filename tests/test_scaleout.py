@@ -42,6 +42,8 @@ def test_cli_two_workers_against_the_stub_match_its_served_truth(tmp_path: Path)
     # Client TTFT is the served TTFT plus transport and parsing: never less, and close at the median.
     assert served["ttft_ms"]["p50"] <= s["metrics"]["ttft"]["p50"] < served["ttft_ms"]["p50"] + 3.0
     assert s["target"]["kind"] == "openai_http" and s["target"]["model"] == "stub-model"
+    # The parent scrapes the server once a second, as one process does, into the same files.
+    assert s["server"].get("scrape") and (out / "server_metrics.jsonl").read_bytes().count(b"\n") >= 1
 
 
 def test_worker_factory_pins_what_the_parent_found(tmp_path: Path) -> None:
