@@ -25,8 +25,9 @@ from replay.record import Request
 
 # Below this id most vocabularies keep special and byte tokens; stay clear of them.
 DEFAULT_LOW_ID = 256
-# Any real LLM vocabulary is larger than this, so ids below it are valid everywhere.
-DEFAULT_HIGH_ID = 30_000
+# Ids below this are valid in any vocabulary worth load-testing (the embedded tiny model has 8,192;
+# an OpenAI-compatible URL does not tell its vocabulary size, and an out-of-range id is an HTTP 400).
+DEFAULT_HIGH_ID = 4_096
 # Tag mixed into block seeds so a block stream never equals a per-request stream.
 _BLOCK_DOMAIN = 0x70726566  # "pref"
 # Cached block tokens, in total: 16 M int32 = 64 MiB.

@@ -11,7 +11,7 @@ import pytest
 from replay import prompts as prompts_mod
 from replay.errors import ReplayError
 from replay.formats import load_trace
-from replay.prompts import PromptBuilder
+from replay.prompts import DEFAULT_HIGH_ID, DEFAULT_LOW_ID, PromptBuilder
 from replay.record import Request
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +30,7 @@ def test_existing_api_unchanged():
     pb = PromptBuilder(7)
     a = pb.token_ids(3, 50)
     assert a == PromptBuilder(7).token_ids(3, 50) and len(a) == 50
-    assert all(256 <= x < 30_000 for x in a)
+    assert all(DEFAULT_LOW_ID <= x < DEFAULT_HIGH_ID for x in a)
     assert pb.token_ids(4, 50) != a
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from replay import arrivals, schedule
 from replay.config import RunConfig
-from replay.prompts import PromptBuilder
+from replay.prompts import DEFAULT_HIGH_ID, PromptBuilder
 from replay.record import Request
 from replay.shard import FilteredSchedule, SyntheticSchedule, split_cap
 
@@ -28,7 +28,7 @@ def one_process(cfg: RunConfig, vocab: int) -> list[Request]:
             arrivals.offsets(cfg.arrival_spec(), cfg.seed),
             input_tokens=cfg.input_tokens,
             output_tokens=cfg.output_tokens,
-            prompts=PromptBuilder(cfg.seed, 256, min(vocab, 30_000)),
+            prompts=PromptBuilder(cfg.seed, 256, min(vocab, DEFAULT_HIGH_ID)),
             duration_s=cfg.duration_s,
             max_requests=cfg.requests,
         )
