@@ -63,6 +63,7 @@ bench: install model
 	$(PY) bench/core_bench.py        # issue 2: measured vs the stub's served truth, beside vllm bench serve
 	$(PY) bench/scaleout.py          # issue 7: tokens/s sustained with TTFT error < 2 ms, 1 vs 2 workers
 	$(PY) bench/soak_memory.py       # issue 5: tool RSS after 10k / 100k / 1M requests
+	$(PY) bench/inprocess_vs_vllm.py # issue 3: in-process target vs vLLM-CPU, same model, light load
 
 lint: install
 	$(PY) -m ruff check replay tests bench
