@@ -120,6 +120,11 @@ def console_table(summary: dict[str, Any]) -> str:
         + f", {_fmt(t['output_tok_s'])} output tok/s, {_fmt(t['total_tok_s'])} total tok/s"
         + f" over {_fmt(t['span_s'])} s"
     )
+    workers = summary.get("workers")
+    if workers:
+        each = workers.get("each", [])
+        cpus = ", ".join(f"{e.get('cpu_percent', 0):.0f}%" for e in each)
+        lines.append(f"workers: {workers.get('count', len(each))} processes (client CPU each: {cpus})")
     sc = summary["selfcheck"]
     if sc["trustworthy"]:
         lines.append(
