@@ -19,7 +19,7 @@ ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install model stress soak test bench lint clean
+.PHONY: install model browser stress soak capacity test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,13 @@ model: $(MODEL_DIR)/config.json
 $(MODEL_DIR)/config.json: $(VENV)/.installed replay/tiny_model.py
 	$(PY) -m replay.tiny_model --out $(MODEL_DIR)
 
+# Headless Chromium for the HTML report test (Debian's package; a fresh CI machine lacks it).
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium) \
+		|| sudo sh -c 'apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium'; }
+	@test -x $(CHROMIUM) || { echo "chromium is needed for the HTML report test" >&2; exit 1; }
+
 # With TRACE the trace sets arrivals and lengths; RATE (if given) rescales it, SPEEDUP compresses it.
 ifdef TRACE
 RUN_ARGS = --trace $(TRACE) $(if $(SPEEDUP),--speedup $(SPEEDUP)) \
@@ -54,7 +61,12 @@ stress: install model
 soak: install model
 	$(REPLAY) run --target $(TARGET) $(RUN_ARGS) --interval 10s $(ARGS)
 
-test: install model
+# Highest request rate meeting SLO, knee, replicas (TRACE=file sizes replicas for its peak).
+SLO ?= ttft_p99<=500ms,itl_p99<=50ms
+capacity: install model
+	$(REPLAY) capacity --target $(TARGET) --slo "$(SLO)" $(if $(TRACE),--trace $(TRACE)) $(ARGS)
+
+test: install model browser
 	$(PY) -m ruff check replay tests
 	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
 
