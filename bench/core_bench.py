@@ -149,7 +149,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md")
     a = ap.parse_args()
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    stub = Stub(None, 1, 20.0, 5.0)
+    stub = Stub(None, 1, 20.0, 5.0, 0.0)
     results: dict[str, list[dict[str, Any]]] = {}
     try:
         with tempfile.TemporaryDirectory(prefix="core-bench-") as tmp:

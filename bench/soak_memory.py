@@ -31,7 +31,7 @@ def main() -> int:
     ap.add_argument("--rate", type=float, default=1500.0)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results-soak-memory.md")
     a = ap.parse_args()
-    stub = Stub(None, 1, 0.0, 1.0)
+    stub = Stub(None, 1, 0.0, 1.0, 0.0)
     t = time.monotonic()
     try:
         with tempfile.TemporaryDirectory(prefix="soak-mem-") as tmp:
