@@ -30,7 +30,8 @@ table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px soli
 text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}
 .pass{color:#2ca02c;font-weight:600}.fail{color:#d62728;font-weight:600}
 .charts{display:flex;flex-wrap:wrap;gap:12px}
-figure.chart{margin:0;border:1px solid #e4e4e4;border-radius:6px;padding:6px;background:#fff}
+figure.chart{margin:0;border:1px solid #e4e4e4;border-radius:6px;padding:6px;background:#fff;width:640px;
+box-sizing:border-box}svg{max-width:100%;height:auto}
 figcaption{font-size:14px;font-weight:600;margin:2px 4px}
 svg text{font-size:11px;fill:#444}svg text.axis{font-size:12px;fill:#222}
 svg rect.plot{fill:#fafafa;stroke:#ccc}svg line.grid{stroke:#e6e6e6}
@@ -101,6 +102,8 @@ def distribution_charts(hists: dict[str, HdrHistogram], what: str, fig: str) -> 
         if metric not in hists:
             continue
         series = [percentile_series(hists[metric], label)]
+        top = max(series[0].xs)
+        ticks = [t for t in _PCT_TICKS if t[0] <= max(1.0, math.ceil(top))]
         out.append(
             P.render(
                 P.Chart(
@@ -108,7 +111,7 @@ def distribution_charts(hists: dict[str, HdrHistogram], what: str, fig: str) -> 
                     "percentile",
                     "ms",
                     series=series,
-                    x_ticks=_PCT_TICKS,
+                    x_ticks=ticks,
                     fig_id=f"{fig}-{metric}",
                 )
             )
@@ -125,12 +128,15 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 def timeseries_charts(run_dir: Path, what: str, fig: str) -> list[str]:
     rows = _read_jsonl(run_dir / "timeseries.jsonl")
     t = [r["t_s"] for r in rows]
+    # A rate over the last, partial interval (often a few ms) is true but reads as a spike.
+    full = statistics.median([r["interval_s"] for r in rows]) if rows else 0.0
+    rate = [r.get("req_s") if r.get("interval_s", 0) >= 0.5 * full else None for r in rows]
     load = P.Chart(
         f"Rate and in-flight over time — {what}",
         "seconds from start",
         "req/s, requests",
         series=[
-            P.Series("completed req/s", t, [r.get("req_s") for r in rows]),
+            P.Series("completed req/s", t, rate),
             P.Series("in flight", t, [r.get("in_flight") for r in rows]),
             P.Series("waiting for cap", t, [r.get("waiting_for_cap") for r in rows], dash="4 3"),
         ],
@@ -301,14 +307,14 @@ def capacity_html(cap_dir: Path, doc: dict[str, Any]) -> str:
     fail = _decisive_step(doc, res.get("first_fail_rate_req_s"))
     warm = doc["options"]["warmup_s"]
     for step, what, fig in (
-        (best, "at the max SLO rate", "best"),
-        (fail, "at the first failing rate", "fail"),
+        (best, "At the max SLO rate", "best"),
+        (fail, "At the first failing rate", "fail"),
     ):
         if step is None:
             continue
         run_dir = cap_dir / step["run_dir"]
         label = f"step {step['index']}, {step['rate_req_s']:.4g} req/s"
-        body.append(f"<h2>{escape(what.capitalize())} ({escape(label)})</h2><div class='charts'>")
+        body.append(f"<h2>{escape(what)} ({escape(label)})</h2><div class='charts'>")
         if (run_dir / "intervals.hlog").is_file():
             body += distribution_charts(window_hists(run_dir, warm), f"{label}, warm-up excluded", fig)
             body += timeseries_charts(run_dir, label, fig)
@@ -386,7 +392,8 @@ def run_html(run_dir: Path, summary: dict[str, Any]) -> str:
     title = f"Run — {cfg.get('target', '?')}"
     body = [f"<h1>{escape(title)}</h1>", _table(["figure", "value"], run_key_rows(summary), cls="key")]
     m = summary["metrics"]
-    rows = [[k, *(m[k].get(c) for c in ("p50", "p90", "p99", "p99.9", "max", "mean", "count"))] for k in m]
+    cols = ("p50", "p90", "p99", "p99.9", "max", "mean", "count")
+    rows = [[k if k != "output_tps" else "output_tps (tok/s)", *(m[k].get(c) for c in cols)] for k in m]
     body.append("<h2>Latency (ms)</h2>")
     body.append(_table(["metric", "p50", "p90", "p99", "p99.9", "max", "mean", "count"], rows))
     hists = {k: H.decode(v) for k, v in summary.get("histograms", {}).items()}

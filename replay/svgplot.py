@@ -49,7 +49,7 @@ class Chart:
     y_min: float | None = 0.0
     y_max: float | None = None  # clip above this (clipped points sit on the top edge, hollow)
     fig_id: str = ""
-    width: int = 640
+    width: int = 620
     height: int = 300
 
 
@@ -78,7 +78,7 @@ def _fmt(v: float) -> str:
 
 
 def render(c: Chart) -> str:
-    ml, mr, mt, mb = 64, 16, 30, 44
+    ml, mr, mt, mb = 64, 26, 30, 44
     w, h = c.width, c.height
     pw, ph = w - ml - mr, h - mt - mb
     xs = [x for s in c.series for x, y in zip(s.xs, s.ys, strict=False) if y is not None]
