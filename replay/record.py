@@ -45,8 +45,9 @@ class RequestRecord:
 
     id: int
     intended_s: float
-    input_tokens: int = 0
+    input_tokens: int = 0  # requested length; finish_tokens() replaces it with the server's count
     requested_output_tokens: int = 0
+    requested_input_tokens: int = 0  # the prompt length asked for, kept when input_tokens is replaced
     dispatch_s: float | None = None  # when the engine woke for it (timer accuracy)
     sent_s: float | None = None  # when it went to the target (after any concurrency-cap wait)
     first_byte_s: float | None = None
@@ -74,6 +75,12 @@ class RequestRecord:
 
     def streamed_tokens(self) -> int:
         return sum(self.chunk_tokens)
+
+    def prompt_length_error(self) -> int | None:
+        """Server-reported prompt tokens minus the requested prompt length; None when unreported."""
+        if self.usage_input_tokens is None:
+            return None
+        return self.usage_input_tokens - self.requested_input_tokens
 
     def finish_tokens(self) -> None:
         """Output tokens: the server's usage count when it gave one, else what was streamed."""
@@ -177,6 +184,7 @@ class RequestRecord:
             "input_tokens": self.input_tokens,
             "output_tokens": self.output_tokens,
             "requested_output_tokens": self.requested_output_tokens,
+            "requested_input_tokens": self.requested_input_tokens,
             "chunks": len(self.chunk_s),
             "itl_s": self.itl_stats(),
             "status": self.status,
@@ -196,4 +204,5 @@ def record_for(req: Request) -> RequestRecord:
         intended_s=req.intended_s,
         input_tokens=req.input_tokens,
         requested_output_tokens=req.output_tokens,
+        requested_input_tokens=req.input_tokens,
     )
