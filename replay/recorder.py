@@ -45,6 +45,9 @@ class Counts:
     output_tokens: int = 0
     last_end_s: float = 0.0
     last_intended_s: float = 0.0
+    # Prompt length the server reported minus the one requested, over ok requests that report it.
+    prompt_len_compared: int = 0
+    prompt_len_diffs: Counter[int] = field(default_factory=Counter)  # nonzero differences only
 
     def merge(self, other: Counts) -> None:
         self.scheduled += other.scheduled
@@ -55,6 +58,8 @@ class Counts:
         self.output_tokens += other.output_tokens
         self.last_end_s = max(self.last_end_s, other.last_end_s)
         self.last_intended_s = max(self.last_intended_s, other.last_intended_s)
+        self.prompt_len_compared += other.prompt_len_compared
+        self.prompt_len_diffs.update(other.prompt_len_diffs)
 
     def accounted(self) -> bool:
         """The invariant: scheduled = ok + errors (by kind) + not sent (by reason)."""
@@ -79,6 +84,11 @@ class Recorder:
                 c.ok += 1
                 c.input_tokens += rec.input_tokens
                 c.output_tokens += rec.output_tokens
+                diff = rec.prompt_length_error()
+                if diff is not None:
+                    c.prompt_len_compared += 1
+                    if diff:
+                        c.prompt_len_diffs[diff] += 1
             elif rec.status == ERROR:
                 c.errors[rec.error or "unknown"] += 1
             elif rec.status == NOT_SENT:

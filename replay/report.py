@@ -47,6 +47,20 @@ def counts_json(counts: Counts) -> dict[str, Any]:
     }
 
 
+def prompt_length_error(counts: Counts, top: int = 10) -> dict[str, Any]:
+    """Server-reported minus requested prompt tokens (goal: zero for token-id prompts); the `top`
+    most frequent nonzero differences, signed, as {"+3": count}."""
+    d, n = counts.prompt_len_diffs, counts.prompt_len_compared
+    abs_sum = sum(abs(k) * v for k, v in d.items())
+    return {
+        "compared": n,
+        "mismatched": sum(d.values()),
+        "max_abs_tokens": max((abs(k) for k in d), default=0),
+        "mean_abs_tokens": round(abs_sum / n, 3) if n else None,
+        "differences": {f"{k:+d}": v for k, v in d.most_common(top)},
+    }
+
+
 def build_summary(
     *,
     hists: dict[str, HdrHistogram],
@@ -71,6 +85,7 @@ def build_summary(
         "counts": counts_json(counts),
         "error_examples": error_examples,
         "tokens": {"input": counts.input_tokens, "output": counts.output_tokens},
+        "prompt_length_error": prompt_length_error(counts),
         "throughput": throughput(counts),
         "metrics": metric_summaries(hists),
         "selfcheck": selfcheck,
@@ -120,6 +135,12 @@ def console_table(summary: dict[str, Any]) -> str:
         + f", {_fmt(t['output_tok_s'])} output tok/s, {_fmt(t['total_tok_s'])} total tok/s"
         + f" over {_fmt(t['span_s'])} s"
     )
+    ple = summary.get("prompt_length_error")
+    if ple and ple["mismatched"]:
+        lines.append(
+            f"prompt length: {ple['mismatched']} of {ple['compared']} requests differ from the requested "
+            f"length as the server counts it (max {ple['max_abs_tokens']} tokens)"
+        )
     workers = summary.get("workers")
     if workers:
         each = workers.get("each", [])
