@@ -315,9 +315,13 @@ class CapacitySearch:
 
     def _finish(self, lo: float, hi: float | None, stop: str, x_max: float | None = None) -> dict[str, Any]:
         runs = {r: [s for s in self.steps if s["rate_req_s"] == r] for r in (lo, hi) if r}
-        confirmed = all(s["passed"] for s in runs.get(lo, [])) and all(
+        # Confirmed: every run at the last pass passed and every run at the first fail failed,
+        # with at least two runs at the pass rate; None when nothing was repeated.
+        consistent = all(s["passed"] for s in runs.get(lo, [])) and all(
             not s["passed"] for s in runs.get(hi, [])
         )
+        repeated = len(runs.get(lo, [])) >= 2
+        confirmed: bool | None = (consistent if repeated else None) if lo else False
         pts: dict[float, list[float]] = {}
         for s in self.steps:
             v = s["latency_ms"][self.opts.knee_metric]["p99"]
@@ -330,7 +334,7 @@ class CapacitySearch:
             "first_fail_rate_req_s": None if hi is None else round(hi, 4),
             "resolution": None if not (lo and hi) else round((hi - lo) / hi, 4),
             "stop_reason": stop,
-            "confirmed": bool(lo) and confirmed,
+            "confirmed": confirmed,
             "decisive": {str(round(r, 4)): _spread(v) for r, v in runs.items()},
             "goodput_at_max_req_s": _median([s["goodput"]["goodput_req_s"] for s in at_lo]),
             "attainment_at_max": _median([s["goodput"]["attainment"] for s in at_lo]),

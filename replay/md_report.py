@@ -28,7 +28,7 @@ def capacity_key_rows(doc: dict[str, Any]) -> list[list[str]]:
             "resolution (fail - pass) / fail",
             _f(None if r.get("resolution") is None else r["resolution"] * 100, "%"),
         ],
-        ["confirmed by repeats", _f(r.get("confirmed"))],
+        ["confirmed by repeats", "not repeated" if r.get("confirmed") is None else _f(r.get("confirmed"))],
         ["goodput at the max rate", _f(r.get("goodput_at_max_req_s"), " req/s")],
         [
             "SLO attainment at the max rate",

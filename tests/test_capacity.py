@@ -52,6 +52,8 @@ async def test_search_finds_the_analytic_max_rate_of_a_k_slot_stub(tmp_path):
     found = res["max_slo_rate_req_s"]
     assert abs(found - mu) / mu <= 0.10, (found, mu, [(s["rate_req_s"], s["reasons"]) for s in doc["steps"]])
     assert res["first_fail_rate_req_s"] > found
+    # Confirmation ran the decisive rates again (repeats=1): two runs at the max rate.
+    assert res["decisive"][str(found)]["runs"] == 2 and res["confirmed"] is not None
     # The probe saw the K-slot plateau: throughput stops growing past K streams, at about μ.
     plateau = max(lv["throughput_req_s"] for lv in doc["probe"])
     assert abs(plateau - mu) / mu <= 0.10
