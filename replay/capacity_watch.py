@@ -7,8 +7,11 @@ already violate a decidable bound: finished requests over the bound, plus in-fli
 whose age already exceeds it (they can only end over it). A percentile bound pXX tolerates
 N - round(XX% of N) samples above it (HdrHistogram's rank rule), N being the window's request
 count; the watch uses a generous upper estimate of N, so it stops a step only when no outcome
-of the remaining requests could make it pass. Stopping means the schedule ends early (the
-rest is never sent); in-flight requests still drain.
+of the remaining requests could make it pass. It also stops a step whose backlog (requests in
+flight) has grown since the warm-up by more than the post-hoc saturation bound (max(10, 10% of
+the window's expected arrivals)): a queue that deep does not drain at a rate the server cannot
+keep up with. Stopping means the schedule ends early (the rest is never sent); in-flight
+requests still drain.
 """
 
 from __future__ import annotations
@@ -56,6 +59,10 @@ class StepWatch:
         self.errors = 0
         self.in_flight: dict[int, RequestRecord] = {}
         self.abort_reason: str | None = None
+        self.outstanding = 0  # every request in flight, warm-up included
+        self.t0: float | None = None  # run start on perf_counter, from the first dispatch
+        self.backlog_start: int | None = None
+        self.backlog_limit = max(10, math.ceil(0.1 * expected))
 
     # Target interface: the capacity search owns the inner target's lifecycle.
     async def start(self) -> None:
@@ -72,11 +79,15 @@ class StepWatch:
 
     async def send(self, request: Request, record: RequestRecord) -> None:
         counted = request.intended_s >= self.warmup_s
+        if self.t0 is None and record.dispatch_s is not None:
+            self.t0 = record.dispatch_s - request.intended_s
         if counted:
             self.in_flight[request.id] = record
+        self.outstanding += 1
         try:
             await self.inner.send(request, record)
         finally:
+            self.outstanding -= 1
             if counted:
                 self.in_flight.pop(request.id, None)
                 self._finished(record)
@@ -94,6 +105,11 @@ class StepWatch:
         """A reason when the step can no longer pass, else None."""
         if self.errors > self.errors_allowed:
             return f"{self.errors} failed requests already exceed what the SLO allows"
+        if self.t0 is not None and now - self.t0 >= self.warmup_s:
+            if self.backlog_start is None:
+                self.backlog_start = self.outstanding
+            elif self.outstanding - self.backlog_start > self.backlog_limit:
+                return f"backlog grew from {self.backlog_start} to {self.outstanding} requests in flight"
         for i, (b, allowed) in enumerate(self.bounds):
             to_first = b.metric.startswith("ttft")
             late = 0

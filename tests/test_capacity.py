@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import orjson
 import pytest
 
+from replay import arrivals, schedule
 from replay.capacity import CapacityOptions, CapacitySearch
+from replay.capacity_watch import StepWatch
 from replay.cli import main
+from replay.config import RunConfig
+from replay.prompts import PromptBuilder
+from replay.run import execute
 from replay.slo import parse_slo
 from replay.stub_server import StubProcess
 from replay.targets.fake import FakeTarget
@@ -103,3 +111,34 @@ def test_cli_capacity_rejects_bad_input_before_starting(capsys):
     assert err.count("\n") == 1 and "contradicts" in err
     assert main(["capacity", "--target", "http://127.0.0.1:9", "--slo", "ttft_p99<=1s", "--step", "5s"]) == 2
     assert "--warmup" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("slo", "why"),
+    [("ttft_p99<=200ms", "already break ttft_p99<=200ms"), ("ttft_p99<=60s", "backlog grew")],
+)
+async def test_watch_ends_an_overloaded_step_early(tmp_path, slo, why):
+    """One slot of 0.1 s (10 req/s) offered 30 req/s for 20 s: the backlog grows by 20 a second.
+    A tight SLO is decided as soon as enough requests wait past it; a loose one by the backlog
+    passing max(10, 10% of the window's 570 expected arrivals) = 57."""
+    target = FakeTarget(ttft_s=0.05, itl_s=0.01, max_concurrency=1)
+    await target.start()
+    watch = StepWatch(target, parse_slo(slo), warmup_s=1.0, expected=30 * 19)
+    cfg = RunConfig(target="fake", rate=30, duration_s=20, drain_timeout_s=0.5, interval_s=1, quiet=True)
+    offsets = arrivals.offsets(cfg.arrival_spec(), 0)
+    sched = schedule.synthetic(
+        offsets,
+        input_tokens=4,
+        output_tokens=6,
+        prompts=PromptBuilder(0, 10, 900),
+        duration_s=20,
+        max_requests=None,
+    )
+    monitor = asyncio.ensure_future(watch.monitor())
+    t0 = time.monotonic()
+    res = await execute(cfg, watch, watch.gate(sched), tmp_path, 30.0, manage_target=False)
+    monitor.cancel()
+    assert why in (watch.abort_reason or "")
+    assert time.monotonic() - t0 < 10  # far less than the 20 s schedule
+    c = res.summary["counts"]
+    assert c["accounted"] and c["scheduled"] < 30 * 10

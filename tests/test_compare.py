@@ -97,3 +97,18 @@ def test_bad_directories_exit_2(runs, tmp_path, capsys):
     (tmp_path / "capacity.json").write_text("{}")
     assert main(["compare", str(runs["fast"]), str(tmp_path)]) == 2
     assert "is a run directory but" in capsys.readouterr().err
+
+
+def test_capacity_directories_compare_max_rate(tmp_path):
+    def cap(name, rate, goodput):
+        d = tmp_path / name
+        d.mkdir()
+        doc = {"result": {"max_slo_rate_req_s": rate, "goodput_at_max_req_s": goodput}, "baseline": None}
+        (d / "capacity.json").write_bytes(orjson.dumps(doc))
+        return str(d)
+
+    a, b, c = cap("a", 10.0, 9.5), cap("b", 9.5, 9.0), cap("c", 8.0, 7.5)
+    assert main(["compare", a, b]) == 0  # -5% within the default 10%
+    assert main(["compare", a, c]) == 1  # -20%
+    assert main(["compare", c, a]) == 0  # more capacity is no regression
+    assert main(["compare", a, b, "--threshold", "max_slo_rate=0.2"]) == 1  # absolute: at most 0.2 req/s less
