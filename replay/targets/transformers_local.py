@@ -108,6 +108,9 @@ class TransformersLocalTarget:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a load bar in the middle of a report is noise
 
         cfg = self.config
         if cfg.torch_threads:
