@@ -4,18 +4,19 @@
    `probe_growth` per doubling. Concurrency 1 is the single-request latency baseline; the curve
    is throughput versus batch; its plateau X_max brackets the answer from above, since no open-loop
    rate beyond what the server completes at full concurrency keeps a bounded queue.
-2. Search (open loop): bisection on the offered rate in [0, X_max]. The first step is the
-   closed-loop throughput at the highest concurrency whose latencies met the SLO (a free guess
-   that usually lands near the answer); then each step halves the bracket [last pass, first
-   fail] until it is narrower than `tolerance` x the fail rate, or the budget runs out. Why
-   bisection and not secant or model fitting: near capacity the verdict is a noisy step function
-   of rate (p99 and queue growth jump at the knee), which breaks the smoothness interpolation
-   relies on; bisection needs only that passing is (mostly) monotone in rate, gains a fixed bit
-   per step, and its bracket is an honest error bar. Steps are cheap to fail: a live watch ends
-   a step once its verdict is decided (capacity_watch), so steps above the answer cost seconds.
-   Each step is a full open-loop run; requests intended in the first `warmup_s` (and intervals
-   starting then) are left out of its verdict. A step passes when the SLO holds on the rest and
-   the server is not saturated (backlog growth, TTFT trend: capacity_stats.saturation).
+2. Search (open loop): bisection on the offered rate in [0, X_max]. The first step is the closed-
+   loop throughput at the highest concurrency whose latencies met the SLO (a free guess that usually
+   lands near the answer); then each step halves the bracket [last pass, first fail] until it is
+   narrower than `tolerance` x the fail rate (the plateau itself is tested before the search calls
+   it a fail; should it pass, the search looks above it), or the budget runs out. Why bisection and
+   not secant or model fitting: near capacity the verdict is a noisy step function of rate (p99 and
+   queue growth jump at the knee), which breaks the smoothness interpolation relies on; bisection
+   needs only that passing is (mostly) monotone in rate, gains a fixed bit per step, and its bracket
+   is an honest error bar. Steps are cheap to fail: a live watch ends a step once its verdict is
+   decided (capacity_watch), so steps above the answer cost seconds. Each step is a full open-loop
+   run; requests intended in the first `warmup_s` (and intervals starting then) are left out of its
+   verdict. A step passes when the SLO holds on the rest and the server is not saturated (backlog
+   growth, TTFT trend: capacity_stats.saturation).
 3. Confirmation: the decisive rates (last pass, first fail) run `repeats` more times on fresh
    seeds; the report shows each run's figures and their spread.
 4. Knee of latency versus offered load (Kneedle), and, given a trace, replicas for its peak.
@@ -293,10 +294,15 @@ class CapacitySearch:
             r = step["rate_req_s"]
             if step["passed"]:
                 lo = r
+                if r >= hi:  # the assumed upper bound passed: look above it
+                    hi, hi_tested = r * (1 + 4 * o.tolerance), False
             else:
                 hi, hi_tested = r, True
             if lo > 0 and hi - lo <= o.tolerance * hi:
-                break
+                if hi_tested:
+                    break
+                r = hi  # the bracket's top is still an assumption (the probe's plateau): test it
+                continue
             if lo == 0 and hi < x_max / 32:
                 stop = "no rate met the SLO"
                 break

@@ -58,6 +58,7 @@ async def test_search_finds_the_analytic_max_rate_of_a_k_slot_stub(tmp_path):
         doc = await CapacitySearch(target, opts, tmp_path).run()
     res = doc["result"]
     found = res["max_slo_rate_req_s"]
+    print(f"max SLO rate {found:.4g} req/s vs analytic {mu:.4g} ({(found - mu) / mu:+.1%})")
     assert abs(found - mu) / mu <= 0.10, (found, mu, [(s["rate_req_s"], s["reasons"]) for s in doc["steps"]])
     assert res["first_fail_rate_req_s"] > found
     # Confirmation ran the decisive rates again (repeats=1): two runs at the max rate.
