@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -43,7 +44,7 @@ from replay.config import RunConfig
 from replay.prompts import DEFAULT_HIGH_ID, DEFAULT_LOW_ID, PromptBuilder
 from replay.record import Request
 from replay.run import execute, versions
-from replay.slo import Slo, goodput, read_requests
+from replay.slo import STATS, Slo, goodput, read_requests
 from replay.targets.base import Target
 
 SCHEMA = 1
@@ -231,6 +232,7 @@ class CapacitySearch:
             "saturation": sat.to_json(),
             "latency_ms": _latency(hists),
             "trustworthy": summary["selfcheck"]["trustworthy"],
+            "warnings": sample_warnings(o.slo, hists),
         }
 
     # --- the search ------------------------------------------------------------------------------
@@ -348,6 +350,7 @@ class CapacitySearch:
             "knee": None if k is None else {"rate_req_s": k[0], f"{self.opts.knee_metric}_p99_ms": k[1]},
             "elapsed_s": round(self.budget.elapsed(), 1),
             "open_loop_steps": self.budget.steps,
+            "warnings": sorted({w for st in self.steps for w in st["warnings"]})[:5],
         }
         return self.write()
 
@@ -379,6 +382,28 @@ class CapacitySearch:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "capacity.json").write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
         return doc
+
+
+def sample_warnings(slo: Slo, hists: dict[str, Any]) -> list[str]:
+    """Percentile bounds judged on too few samples to resolve them.
+
+    The pXX of n samples is the value of rank round(XX% n): with fewer than 10 / (1 - XX%)
+    samples (1,000 for p99) only a handful lie above it, so it reads low (the p99 of 40 samples is
+    their maximum, on average the population's 97.6th percentile) and the search overestimates
+    the rate. Longer steps (or a lower percentile) fix it.
+    """
+    out = []
+    for b in slo.bounds:
+        p = STATS.get(b.stat or "")
+        if p is None or b.metric not in hists:
+            continue
+        n = hists[b.metric].get_total_count()
+        need = math.ceil(10 / (1 - p / 100) - 1e-9)
+        if n < need:
+            out.append(
+                f"{b.text} judged on {n} samples (fewer than {need}): it reads optimistic; lengthen --step"
+            )
+    return out
 
 
 def _latency(hists: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -55,6 +55,8 @@ def capacity_key_rows(doc: dict[str, Any]) -> list[list[str]]:
             ]
         )
     rows.append(["stop reason", str(r.get("stop_reason", "-"))])
+    for w in r.get("warnings", []):
+        rows.append(["warning", w])
     rows.append(
         ["search time", _f(r.get("elapsed_s"), " s") + f", {r.get('open_loop_steps', 0)} open-loop steps"]
     )

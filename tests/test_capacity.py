@@ -9,11 +9,13 @@ import orjson
 import pytest
 
 from replay import arrivals, schedule
-from replay.capacity import CapacityOptions, CapacitySearch
+from replay import histogram as H
+from replay.capacity import CapacityOptions, CapacitySearch, sample_warnings
 from replay.capacity_watch import StepWatch
 from replay.cli import main
 from replay.config import RunConfig
 from replay.prompts import PromptBuilder
+from replay.recorder import METRICS
 from replay.run import execute
 from replay.slo import parse_slo
 from replay.stub_server import StubProcess
@@ -104,6 +106,22 @@ async def test_step_budget_bounds_the_search(tmp_path):
     assert r1 == pytest.approx(2 * r0, rel=1e-3)
     assert doc["result"]["max_slo_rate_req_s"] == r1
     assert "budget" in doc["result"]["stop_reason"]
+    # Two-second steps cannot resolve a p99: the result says so.
+    assert any(w.startswith("ttft_p99<=500ms judged on") for w in doc["result"]["warnings"])
+
+
+def test_sample_warnings_need_ten_samples_beyond_the_percentile():
+    slo = parse_slo("ttft_p99<=1s,itl_p90<=1s,e2e_max<=1s,error_rate<=1%")
+    hists = {m: H.new() for m in METRICS}
+    for _ in range(999):
+        H.record_seconds(hists["ttft"], 0.1)
+    for _ in range(100):
+        H.record_seconds(hists["itl"], 0.1)
+    assert sample_warnings(slo, hists) == [
+        "ttft_p99<=1s judged on 999 samples (fewer than 1000): it reads optimistic; lengthen --step"
+    ]
+    H.record_seconds(hists["ttft"], 0.1)
+    assert sample_warnings(slo, hists) == []
 
 
 def test_cli_capacity_rejects_bad_input_before_starting(capsys):
