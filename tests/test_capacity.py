@@ -21,6 +21,7 @@ from replay.slo import parse_slo
 from replay.stub_server import StubProcess
 from replay.targets.fake import FakeTarget
 from replay.targets.registry import load_target
+from replay.trace import TraceRecord, make_header, write_trace
 
 
 @pytest.mark.slow
@@ -161,3 +162,32 @@ async def test_watch_ends_an_overloaded_step_early(tmp_path, slo, why):
     assert time.monotonic() - t0 < 10  # far less than the 20 s schedule
     c = res.summary["counts"]
     assert c["accounted"] and c["scheduled"] < 30 * 10
+
+
+def test_cli_capacity_end_to_end_with_replicas(tmp_path, capsys):
+    """`replay capacity` against a 2-slot stub, sizing replicas for a trace peaking at 40 req/s."""
+    trace = tmp_path / "trace.jsonl"
+    arr = (
+        [i / 5 for i in range(600)] + [120 + i / 40 for i in range(2400)] + [180 + i / 5 for i in range(300)]
+    )
+    arr.append(240.0)
+    write_trace(trace, (TraceRecord(t, 8, 5) for t in arr), make_header("test"))
+    out = tmp_path / "cap"
+    args = ["--max-concurrency", "2", "--ttft-ms", "20", "--itl-ms", "10"]
+    with StubProcess(args) as stub:
+        code = main(
+            ["capacity", "--target", stub.base_url, "--slo", "ttft_p99<=300ms,error_rate<=1%",
+             "--input-tokens", "8", "--output-tokens", "5", "--step", "3s", "--warmup", "1s",
+             "--probe-duration", "1s", "--max-steps", "3", "--repeats", "0", "--budget", "60s",
+             "--trace", str(trace), "--headroom", "25%", "--out", str(out), "--quiet"]
+        )  # fmt: skip
+    assert code == 0
+    doc = orjson.loads((out / "capacity.json").read_bytes())
+    rate = doc["result"]["max_slo_rate_req_s"]
+    printed = capsys.readouterr().out
+    assert f"max rate meeting ttft_p99<=300ms,error_rate<=1%: {rate:g} req/s" in printed
+    assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    rep = doc["replicas"]
+    assert rep["demand"]["req_s"]["peak"] == 40.0  # one 60 s window at 40 req/s, p99 of four
+    assert rep["replicas"] == max(-(-40 * 1.25 // rate), 1)
+    assert f"replicas for the trace's peak: {rep['replicas']}" in printed
