@@ -16,6 +16,7 @@ from replay.trace import (
     TraceRecord,
     as_float,
     as_hash_ids,
+    as_int,
     check_coverage,
     parse_record,
     req_int,
@@ -221,6 +222,11 @@ class Replay(JsonFormat):
     def parse(self, obj: Any, line_no: int) -> Parsed:
         t, rec, unknown = parse_record(obj, line_no)
         self._unknown = unknown
+        # A request `replay record` saw fail upstream: dropped and counted, unless keep_failures.
+        status = obj.get("status")
+        failed = status is not None and not 200 <= as_int(status, "status") < 300
+        if failed and not self.options.get("keep_failures"):
+            return t, None, "upstream error status"
         return t, rec, None
 
     def unknown(self, obj: dict[str, Any]) -> set[str]:

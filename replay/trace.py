@@ -196,6 +196,11 @@ _KNOWN = {
     "parent_id",
     "prompt_text",
     "prompt_token_ids",
+    # What `replay record` saw: endpoint, model, HTTP status, and whether a length was estimated.
+    "endpoint",
+    "model",
+    "status",
+    "estimated",
 }
 
 
