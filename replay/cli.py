@@ -14,6 +14,7 @@ from replay import arrivals
 from replay.capacity_cli import add_capacity_subparsers
 from replay.config import RunConfig, parse_duration
 from replay.errors import ReplayError
+from replay.record_cli import add_record_subparser
 from replay.report import console_table
 from replay.trace_cli import add_trace_subparser
 from replay.trace_schedule import parse_window
@@ -81,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     add_trace_subparser(sub)
     add_capacity_subparsers(sub)
+    add_record_subparser(sub)
     return parser
 
 
