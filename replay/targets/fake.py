@@ -67,7 +67,7 @@ class FakeTarget:
         sent = 0
         while sent < n:
             step = min(k, n - sent)
-            due = start + self.ttft_s + (sent + step - 1) * self.itl_s
+            due = start + self.ttft_s + sent * self.itl_s  # chunk j at ttft + j*K*itl, as the stub
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
