@@ -5,6 +5,7 @@ measurement windows of a finished run, saturation signals, the knee, and the rep
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from hdrh.histogram import HdrHistogram
 from replay import histogram as H
 from replay.errors import ReplayError
 from replay.recorder import METRICS
+from replay.slo import STATS, Slo
 
 
 def window_hists(run_dir: Path, start_s: float) -> dict[str, HdrHistogram]:
@@ -235,3 +237,46 @@ def replicas_needed(peak_rate: float, per_replica_rate: float, headroom: float) 
     if per_replica_rate <= 0 or not math.isfinite(per_replica_rate):
         return None
     return max(1, math.ceil(peak_rate * (1 + headroom) / per_replica_rate - 1e-9))
+
+
+def sample_warnings(slo: Slo, hists: dict[str, Any]) -> list[str]:
+    """Percentile bounds judged on too few samples to resolve them.
+
+    The pXX of n samples is the value of rank round(XX% n): with fewer than 10 / (1 - XX%)
+    samples (1,000 for p99) only a handful lie above it, so it reads low (the p99 of 40 samples is
+    their maximum, on average the population's 97.6th percentile) and the search overestimates
+    the rate. Longer steps (or a lower percentile) fix it.
+    """
+    out = []
+    for b in slo.bounds:
+        p = STATS.get(b.stat or "")
+        if p is None or b.metric not in hists:
+            continue
+        n = hists[b.metric].get_total_count()
+        need = math.ceil(10 / (1 - p / 100) - 1e-9)
+        if n < need:
+            out.append(
+                f"{b.text} judged on {n} samples (fewer than {need}): it reads optimistic; lengthen --step"
+            )
+    return out
+
+
+def median_of(xs: list[Any]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return round(statistics.median(vals), 4) if vals else None
+
+
+def spread(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """Verdicts and per-bound min/max across the runs at one rate."""
+    by_bound: dict[str, list[float]] = {}
+    for s in steps:
+        for c in s["verdict"]["checks"]:
+            if c["measured"] is not None:
+                by_bound.setdefault(c["bound"], []).append(c["measured"])
+    att = [s["goodput"]["attainment"] for s in steps if s["goodput"]["attainment"] is not None]
+    return {
+        "runs": len(steps),
+        "passed": sum(s["passed"] for s in steps),
+        "bounds": {b: {"min": min(v), "max": max(v)} for b, v in by_bound.items()},
+        "attainment": {"min": min(att), "max": max(att)} if att else None,
+    }

@@ -10,7 +10,8 @@ import pytest
 
 from replay import arrivals, schedule
 from replay import histogram as H
-from replay.capacity import CapacityOptions, CapacitySearch, sample_warnings
+from replay.capacity import CapacityOptions, CapacitySearch
+from replay.capacity_stats import sample_warnings
 from replay.capacity_watch import StepWatch
 from replay.cli import main
 from replay.config import RunConfig
@@ -87,7 +88,7 @@ async def test_baseline_missing_the_slo_ends_without_a_search(tmp_path):
     )  # fmt: skip
     doc = await CapacitySearch(target, opts, tmp_path).run()
     assert doc["result"]["max_slo_rate_req_s"] == 0
-    assert "one request at a time" in doc["result"]["stop_reason"]
+    assert "even one request at a time misses the SLO: ttft_p99<=50ms (median" in doc["result"]["stop_reason"]
     assert doc["steps"] == [] and len(doc["probe"]) == 2
     assert target.closed
 
