@@ -8,10 +8,12 @@ whose age already exceeds it (they can only end over it). A percentile bound pXX
 N - round(XX% of N) samples above it (HdrHistogram's rank rule), N being the window's request
 count; the watch uses a generous upper estimate of N, so it stops a step only when no outcome
 of the remaining requests could make it pass. It also stops a step whose backlog (requests in
-flight) has grown since the warm-up by more than the post-hoc saturation bound (max(10, 10% of
-the window's expected arrivals)): a queue that deep does not drain at a rate the server cannot
-keep up with. Stopping means the schedule ends early (the rest is never sent); in-flight
-requests still drain.
+flight) has grown since the warm-up by more than max(10, 25% of the window's expected arrivals):
+a gross overload, which would otherwise run to the end and then drain a long queue. The bound is
+deliberately looser than the post-hoc saturation check (10%, capacity_stats.saturation): a
+batching server's in-flight count also rises, and then settles, as its latency grows with load
+(Little's law), and a live check must not mistake that for an unbounded queue. Stopping means
+the schedule ends early (the rest is never sent); in-flight requests still drain.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class StepWatch:
         self.outstanding = 0  # every request in flight, warm-up included
         self.t0: float | None = None  # run start on perf_counter, from the first dispatch
         self.backlog_start: int | None = None
-        self.backlog_limit = max(10, math.ceil(0.1 * expected))
+        self.backlog_limit = max(10, math.ceil(0.25 * expected))
 
     # Target interface: the capacity search owns the inner target's lifecycle.
     async def start(self) -> None:
