@@ -43,6 +43,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--concurrency-cap", type=int, default=None, help="at most C in flight; waits are counted")
     p.add_argument("--concurrency", type=int, default=None, help="closed loop: N back-to-back streams")
+    p.add_argument(
+        "--max-in-flight", type=int, default=None,
+        help="outstanding requests beyond which new ones are counted not_sent (default: what sockets allow)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<stamp>-<target>/)")
     p.add_argument("--strict", action="store_true", help="exit 1 when the generator fell behind")
@@ -102,6 +106,7 @@ def _config(ns: argparse.Namespace) -> RunConfig:
         output_tokens=ns.output_tokens,
         concurrency_cap=ns.concurrency_cap,
         concurrency=ns.concurrency,
+        max_in_flight=ns.max_in_flight,
         seed=ns.seed,
         out=ns.out,
         strict=ns.strict,

@@ -23,6 +23,7 @@ class RunConfig:
     output_tokens: int = 64
     concurrency_cap: int | None = None
     concurrency: int | None = None  # closed loop: N streams back to back (no --rate)
+    max_in_flight: int | None = None  # None: as many as open sockets allow (see run.client_limits)
     seed: int = 0
     out: Path | None = None
     strict: bool = False
@@ -82,6 +83,8 @@ class RunConfig:
             out.append(f"--input-tokens: must be >= 1, got {self.input_tokens}")
         if self.output_tokens < 1:
             out.append(f"--output-tokens: must be >= 1, got {self.output_tokens}")
+        if self.max_in_flight is not None and self.max_in_flight < 1:
+            out.append(f"--max-in-flight: must be >= 1, got {self.max_in_flight}")
         if self.concurrency_cap is not None and self.concurrency_cap < 1:
             out.append(f"--concurrency-cap: must be >= 1, got {self.concurrency_cap}")
         if self.drain_timeout_s < 0:

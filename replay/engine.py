@@ -25,6 +25,10 @@ class EngineOptions:
     concurrency_cap: int | None = None  # at most this many in flight; the rest wait (counted)
     drain_timeout_s: float = 60.0  # after the last dispatch, how long in-flight requests may finish
     worker: int = 0
+    # Outstanding requests (in flight or waiting for the cap) beyond which new ones are not sent
+    # but counted `not_sent: max_in_flight`: an overloaded server must not exhaust the client's
+    # sockets and memory (each request holds a connection). None: unbounded.
+    max_in_flight: int | None = None
 
 
 @dataclass(slots=True)
@@ -86,6 +90,11 @@ class Engine:
                     await asyncio.sleep(delay)
                 if self._stopping:
                     break
+                limit = self.options.max_in_flight
+                if limit is not None and len(self._tasks) >= limit:
+                    pending = None
+                    self._not_sent(req, errors.NOT_SENT_OVERLOAD)
+                    continue
                 rec = record_for(req)
                 rec.worker = self.options.worker
                 rec.dispatch_s = time.perf_counter()

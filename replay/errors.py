@@ -27,6 +27,7 @@ def http_status_kind(status: int) -> str:
 # Not-sent reasons.
 NOT_SENT_STOPPED = "stopped"  # run stopped (signal, deadline) before its intended time
 NOT_SENT_DEADLINE = "past_deadline"
+NOT_SENT_OVERLOAD = "max_in_flight"  # too many outstanding requests: the client protects itself
 
 
 class ReplayError(Exception):

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import importlib.metadata
 import platform
+import resource
 import signal
 import time
 from collections.abc import Iterable
@@ -53,6 +54,22 @@ def versions() -> dict[str, str]:
     return out
 
 
+def max_in_flight(cfg: RunConfig, workers: int = 1) -> int:
+    """Outstanding requests one process may hold: the user's bound, else what its open-file limit
+    allows (one socket each, some kept back for logs and the server scrape), at most 10,000.
+
+    Raises the soft RLIMIT_NOFILE to the hard limit first: the usual soft default of 1,024 would
+    otherwise cap an open-loop run at ~1,000 requests in flight."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    if cfg.max_in_flight is not None:
+        return max(1, -(-cfg.max_in_flight // workers))
+    return max(1, min(10_000, soft - 256))
+
+
 class _Run:
     def __init__(self, cfg: RunConfig, target: Target, run_dir: Path) -> None:
         self.cfg = cfg
@@ -61,7 +78,11 @@ class _Run:
         self.recorder = Recorder()
         self.requests = RequestLog(run_dir / "requests.jsonl")
         self.timeseries = JsonlWriter(run_dir / "timeseries.jsonl")
-        opts = EngineOptions(concurrency_cap=cfg.concurrency_cap, drain_timeout_s=cfg.drain_timeout_s)
+        opts = EngineOptions(
+            concurrency_cap=cfg.concurrency_cap,
+            drain_timeout_s=cfg.drain_timeout_s,
+            max_in_flight=max_in_flight(cfg),
+        )
         if cfg.concurrency:  # closed loop: N streams back to back
             from replay.closed_loop import ClosedLoopEngine
 
@@ -118,10 +139,13 @@ class _Run:
             "ttft_p99_ms": ttft["p99"],
             "itl_p99_ms": H.summary_ms(hists["itl"])["p99"],
         }
-        rss_mb = self.proc.memory_info().rss / 2**20
-        self.rss_peak_mb = max(self.rss_peak_mb, rss_mb)
-        row["client.rss_mb"] = round(rss_mb, 1)
-        row["client.cpu_percent"] = round(self.proc.cpu_percent(), 1)
+        try:  # a side reading must never end the run (e.g. out of file descriptors)
+            rss_mb = self.proc.memory_info().rss / 2**20
+            self.rss_peak_mb = max(self.rss_peak_mb, rss_mb)
+            row["client.rss_mb"] = round(rss_mb, 1)
+            row["client.cpu_percent"] = round(self.proc.cpu_percent(), 1)
+        except (psutil.Error, OSError):
+            pass
         row.update({f"server.{k}": v for k, v in self.sidecar.last.items()})
         self.drift.add(hists, row)
         self.timeseries.write(row)

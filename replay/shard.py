@@ -179,10 +179,13 @@ class ShardRunner:
         self._requests = RequestLog(Path(self.spec.requests_path))
         self._schedule = iter(self.spec.schedule(self.spec.index, self.spec.count))
         cfg, w, n = self.spec.cfg, self.spec.index, self.spec.count
+        from replay.run import max_in_flight
+
         opts = EngineOptions(
             concurrency_cap=split_cap(cfg.concurrency_cap, w, n),
             drain_timeout_s=cfg.drain_timeout_s,
             worker=w,
+            max_in_flight=max_in_flight(cfg, n),
         )
         if cfg.concurrency:  # closed loop: this worker's share of the streams
             from replay.closed_loop import ClosedLoopEngine

@@ -110,3 +110,14 @@ async def test_target_errors_and_bugs_are_counted_not_lost():
     assert c.errors["target_error"] == 1
     assert c.errors["http_500"] == 2  # served 4th and 8th (request 3 never reached the fake's counter)
     assert c.ok == 7
+
+
+async def test_max_in_flight_drops_are_counted_not_queued():
+    # 50 requests at once against a target that holds each for 0.3 s; only 10 may be outstanding.
+    target = FakeTarget(ttft_s=0.3, itl_s=0.001)
+    got, eng = await drive(target, reqs([0.0] * 50, out_tokens=2), EngineOptions(max_in_flight=10))
+    assert len(got) == 50
+    ok = [r for r in got if r.status == "ok"]
+    dropped = [r for r in got if r.status == "not_sent"]
+    assert len(ok) == 10 and len(dropped) == 40
+    assert {r.error for r in dropped} == {"max_in_flight"} and eng.state.not_sent == 40
