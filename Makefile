@@ -54,12 +54,14 @@ else
 RUN_ARGS = --rate $(RATE) --duration $(DURATION)
 endif
 
+MODEL_ARGS = $(if $(MODEL),--model-dir $(MODEL))
+
 stress: install model
-	$(REPLAY) run --target $(TARGET) $(RUN_ARGS) $(ARGS)
+	$(REPLAY) run --target $(TARGET) $(RUN_ARGS) $(MODEL_ARGS) $(ARGS)
 
 # Hours of load: same engine, interval logs every 10 s, drift verdict in the summary.
 soak: install model
-	$(REPLAY) run --target $(TARGET) $(RUN_ARGS) --interval 10s $(ARGS)
+	$(REPLAY) run --target $(TARGET) $(RUN_ARGS) $(MODEL_ARGS) --interval 10s $(ARGS)
 
 # Highest request rate meeting SLO, knee, replicas (TRACE=file sizes replicas for its peak).
 SLO ?= ttft_p99<=500ms,itl_p99<=50ms

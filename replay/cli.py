@@ -56,6 +56,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interval", type=_duration, default=10.0, help="interval log period (default 10s)")
     p.add_argument("--endpoint", default="completions", choices=("completions", "chat"))
     p.add_argument("--model", default=None, help="model name on the server (default: the first it lists)")
+    p.add_argument("--model-dir", default=None, help="model a started vLLM or the in-process target loads")
     p.add_argument("--quiet", action="store_true")
     t = p.add_argument_group("recorded trace (arrival times and lengths come from the trace)")
     t.add_argument(
@@ -143,7 +144,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
             problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
         )
     run_dir = cfg.out or default_run_dir(cfg.target)
-    target = load_target(cfg.target, run_dir, {"endpoint": cfg.endpoint, "model": cfg.model})
+    overrides = {"endpoint": cfg.endpoint, "model": cfg.model, "model_dir": ns.model_dir}
+    target = load_target(cfg.target, run_dir, overrides)
     vocab = getattr(target, "vocab_size", None)
     recipe: Any
     if cfg.trace is not None:

@@ -138,7 +138,11 @@ def _apply_overrides(kind: str, values: dict[str, Any], overrides: Mapping[str, 
     for key, value in overrides.items():
         if value is None:
             continue
-        if kind == "vllm" and key == "model":
+        if key == "model_dir":  # the CLI's --model-dir: what a started server or in-process target loads
+            if kind == "openai":
+                raise ReplayError("--model-dir: an openai target serves whatever its server loaded")
+            values["model" if kind == "vllm" else "model_dir"] = value
+        elif kind == "vllm" and key == "model":
             values["served_model_name"] = value
         elif kind == "transformers" and key == "model":
             raise ReplayError(
