@@ -1,6 +1,6 @@
 """How many token writes a second the stub server sustains on one core while staying on schedule.
 
-    PYTHONPATH=. python benchmarks/stub_capacity.py [--rates 100,200,300,400] [--seconds 10] [--tokens 128]
+    PYTHONPATH=. python bench/stub_capacity.py [--rates 100,200,300,400] [--seconds 10] [--tokens 128]
 
 The stub runs in its own process (uvloop, one core); this process drives it open-loop at a
 constant request rate with a raw-socket client that only counts bytes, so the client costs far
