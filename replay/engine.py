@@ -18,6 +18,7 @@ from replay.record import ERROR, NOT_SENT, OK, Request, RequestRecord, record_fo
 from replay.targets.base import Target
 
 Sink = Callable[[RequestRecord], None]
+EARLY_S = 0.0002
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,9 +85,11 @@ class Engine:
         try:
             for req in it:
                 pending = req
-                delay = t0 + req.intended_s - time.perf_counter()
-                if delay > 0:
-                    # One absolute deadline per request, never a chain of relative sleeps.
+                due = t0 + req.intended_s
+                # One absolute deadline per request, never a chain of relative sleeps. Loop timers
+                # have ~1 ms granularity and can fire up to 1 ms early: sleep again while more than
+                # EARLY_S remains, so a send is never early by more than that (nor spins for long).
+                while (delay := due - time.perf_counter()) > EARLY_S:
                     await asyncio.sleep(delay)
                 if self._stopping:
                     break
