@@ -24,7 +24,7 @@ from replay.drift import DriftTracker
 from replay.recorder import METRICS, Counts
 from replay.report import build_summary
 from replay.run import EXIT_INTERRUPTED, EXIT_NO_SUCCESS, EXIT_OK, EXIT_UNTRUSTED, RunResult, versions
-from replay.runfiles import IntervalLog, JsonlWriter
+from replay.runfiles import IntervalLog, JsonlWriter, interval_row
 from replay.selfcheck import Bounds, verdict
 from replay.shard import IntervalReport, WorkerResult
 
@@ -163,26 +163,22 @@ class IntervalMerger:
         length = max(r.length_s for r in reps)
         self.hlog.write(start, length, hists)
         rss = sum(r.rss_mb for r in reps)
-        row = {
-            "t_s": round(start + length, 3),
-            "interval_s": round(length, 3),
-            "scheduled": counts.scheduled,
-            "ok": counts.ok,
-            "errors": sum(counts.errors.values()),
-            "error_kinds": dict(counts.errors),
-            "not_sent": sum(counts.not_sent.values()),
-            "req_s": round(counts.ok / length, 3),
-            "output_tok_s": round(counts.output_tokens / length, 1),
-            "in_flight": sum(r.in_flight for r in reps),
-            "waiting_for_cap": sum(r.waiting_for_cap for r in reps),
-            "ttft_p50_ms": H.summary_ms(hists["ttft"])["p50"],
-            "ttft_p99_ms": H.summary_ms(hists["ttft"])["p99"],
-            "itl_p99_ms": H.summary_ms(hists["itl"])["p99"],
-            "workers": len(reps),
-            # Summed over workers, as for one process with that many cores.
-            "client.rss_mb": round(rss, 1),
-            "client.cpu_percent": round(sum(r.cpu_percent for r in reps), 1),
-        }
+        row = interval_row(
+            start,
+            length,
+            counts,
+            hists,
+            sum(r.in_flight for r in reps),
+            sum(r.waiting_for_cap for r in reps),
+        )
+        row.update(
+            {
+                "workers": len(reps),
+                # Summed over workers, as for one process with that many cores.
+                "client.rss_mb": round(rss, 1),
+                "client.cpu_percent": round(sum(r.cpu_percent for r in reps), 1),
+            }
+        )
         if self.row_extra is not None:
             row.update(self.row_extra())
         self.rss_peak_mb = max(self.rss_peak_mb, rss)

@@ -30,7 +30,7 @@ from replay.progress import Progress
 from replay.record import Request, RequestRecord
 from replay.recorder import Recorder
 from replay.report import build_summary
-from replay.runfiles import IntervalLog, JsonlWriter, RequestLog
+from replay.runfiles import IntervalLog, JsonlWriter, RequestLog, interval_row
 from replay.selfcheck import Bounds, LoopLagMonitor, verdict
 from replay.sidecar import Sidecar
 from replay.targets.base import Target
@@ -121,24 +121,8 @@ class _Run:
     def _close_interval(self, hlog: IntervalLog, start_s: float, length_s: float) -> None:
         hists, counts = self.recorder.roll()
         hlog.write(start_s, length_s, hists)
-        ttft = H.summary_ms(hists["ttft"])
         st = self.engine.state
-        row: dict[str, Any] = {
-            "t_s": round(start_s + length_s, 3),
-            "interval_s": round(length_s, 3),
-            "scheduled": counts.scheduled,
-            "ok": counts.ok,
-            "errors": sum(counts.errors.values()),
-            "error_kinds": dict(counts.errors),
-            "not_sent": sum(counts.not_sent.values()),
-            "req_s": round(counts.ok / length_s, 3) if length_s > 0 else None,
-            "output_tok_s": round(counts.output_tokens / length_s, 1) if length_s > 0 else None,
-            "in_flight": st.in_flight,
-            "waiting_for_cap": st.waiting_for_cap,
-            "ttft_p50_ms": ttft["p50"],
-            "ttft_p99_ms": ttft["p99"],
-            "itl_p99_ms": H.summary_ms(hists["itl"])["p99"],
-        }
+        row = interval_row(start_s, length_s, counts, hists, st.in_flight, st.waiting_for_cap)
         try:  # a side reading must never end the run (e.g. out of file descriptors)
             rss_mb = self.proc.memory_info().rss / 2**20
             self.rss_peak_mb = max(self.rss_peak_mb, rss_mb)

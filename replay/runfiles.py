@@ -16,6 +16,7 @@ from hdrh.histogram import HdrHistogram
 
 from replay import histogram as H
 from replay.record import RequestRecord
+from replay.recorder import Counts
 
 FLUSH_EVERY_S = 1.0
 
@@ -83,3 +84,31 @@ class IntervalLog:
     def close(self) -> None:
         if not self._f.closed:
             self._f.close()
+
+
+def interval_row(
+    start_s: float,
+    length_s: float,
+    counts: Counts,
+    hists: dict[str, HdrHistogram],
+    in_flight: int,
+    waiting_for_cap: int,
+) -> dict[str, Any]:
+    """One timeseries.jsonl row: what one interval did (one process or all workers merged)."""
+    ttft = H.summary_ms(hists["ttft"])
+    return {
+        "t_s": round(start_s + length_s, 3),
+        "interval_s": round(length_s, 3),
+        "scheduled": counts.scheduled,
+        "ok": counts.ok,
+        "errors": sum(counts.errors.values()),
+        "error_kinds": dict(counts.errors),
+        "not_sent": sum(counts.not_sent.values()),
+        "req_s": round(counts.ok / length_s, 3) if length_s > 0 else None,
+        "output_tok_s": round(counts.output_tokens / length_s, 1) if length_s > 0 else None,
+        "in_flight": in_flight,
+        "waiting_for_cap": waiting_for_cap,
+        "ttft_p50_ms": ttft["p50"],
+        "ttft_p99_ms": ttft["p99"],
+        "itl_p99_ms": H.summary_ms(hists["itl"])["p99"],
+    }
