@@ -9,15 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from replay.config import parse_duration
+from replay.config import duration_arg
 from replay.errors import ReplayError
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _fraction(text: str) -> float:
@@ -37,17 +30,17 @@ def add_capacity_subparsers(subparsers: Any) -> None:
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--arrival", default="poisson", choices=("poisson", "gamma", "constant"))
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape (<1 burstier)")
-    p.add_argument("--step", type=_duration, default=60.0, help="one open-loop step, warm-up included")
-    p.add_argument("--warmup", type=_duration, default=10.0, help="left out of each step's verdict")
-    p.add_argument("--probe-duration", type=_duration, default=10.0, help="one closed-loop probe level")
+    p.add_argument("--step", type=duration_arg, default=60.0, help="one open-loop step, warm-up included")
+    p.add_argument("--warmup", type=duration_arg, default=10.0, help="left out of each step's verdict")
+    p.add_argument("--probe-duration", type=duration_arg, default=10.0, help="one closed-loop probe level")
     p.add_argument("--probe-max-concurrency", type=int, default=256)
     p.add_argument("--tolerance", type=_fraction, default=0.05, help="stop when the bracket is this narrow")
     p.add_argument("--max-steps", type=int, default=12, help="open-loop steps, confirmations included")
-    p.add_argument("--budget", type=_duration, default=3600.0, help="wall-clock limit for the whole search")
+    p.add_argument("--budget", type=duration_arg, default=3600.0, help="wall-clock limit for the search")
     p.add_argument("--repeats", type=int, default=2, help="extra runs at the decisive rates")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trace", default=None, help="trace whose peak the replica estimate sizes for")
-    p.add_argument("--peak-window", type=_duration, default=60.0, help="window for the trace's peak rate")
+    p.add_argument("--peak-window", type=duration_arg, default=60.0, help="window for the trace's peak rate")
     p.add_argument("--peak-quantile", type=float, default=99.0, help="percentile of windows taken as peak")
     p.add_argument("--headroom", type=_fraction, default=0.2, help="spare capacity over the peak (20%%)")
     p.add_argument("--endpoint", default="completions", choices=("completions", "chat"))

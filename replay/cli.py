@@ -12,19 +12,12 @@ from typing import Any
 
 from replay import arrivals
 from replay.capacity_cli import add_capacity_subparsers
-from replay.config import RunConfig, parse_duration
+from replay.config import RunConfig, duration_arg
 from replay.errors import ReplayError
 from replay.record_cli import add_record_subparser
 from replay.report import console_table
 from replay.trace_cli import add_trace_subparser
 from replay.trace_schedule import parse_window
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +26,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--rate", type=float, help="mean offered rate, requests/s")
     p.add_argument(
-        "--duration", type=_duration, default=None, help="run length: 60, 90s, 15m, 4h (default 60s)"
+        "--duration", type=duration_arg, default=None, help="run length: 60, 90s, 15m, 4h (default 60s)"
     )
     p.add_argument("--requests", type=int, default=None, help="stop after this many requests")
     p.add_argument("--arrival", default="poisson", choices=arrivals.KINDS)
@@ -51,9 +44,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=None, help="run directory (default runs/<stamp>-<target>/)")
     p.add_argument("--strict", action="store_true", help="exit 1 when the generator fell behind")
     p.add_argument(
-        "--drain-timeout", type=_duration, default=60.0, help="grace for in-flight requests at the end"
+        "--drain-timeout", type=duration_arg, default=60.0, help="grace for in-flight requests at the end"
     )
-    p.add_argument("--interval", type=_duration, default=10.0, help="interval log period (default 10s)")
+    p.add_argument("--interval", type=duration_arg, default=10.0, help="interval log period (default 10s)")
     p.add_argument("--endpoint", default="completions", choices=("completions", "chat"))
     p.add_argument("--model", default=None, help="model name on the server (default: the first it lists)")
     p.add_argument("--model-dir", default=None, help="model a started vLLM or the in-process target loads")
@@ -66,7 +59,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--speedup", type=float, default=1.0, help="X > 1 compresses the trace's time by X")
     t.add_argument("--window", default=None, help="START:END seconds of the trace to replay")
     t.add_argument("--loop", action="store_true", help="repeat the trace back to back (soak)")
-    t.add_argument("--jitter", type=_duration, default=0.0, help="spread arrivals within a time bucket")
+    t.add_argument("--jitter", type=duration_arg, default=0.0, help="spread arrivals within a time bucket")
     t.add_argument("--skip-bad-rows", action="store_true", help="count malformed rows instead of failing")
     p.add_argument(
         "--workers",

@@ -102,6 +102,16 @@ class RunConfig:
         return d
 
 
+def duration_arg(text: str) -> float:
+    """argparse `type=` for durations: a bad one becomes argparse's own one-line usage error."""
+    import argparse
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_duration(text: str) -> float:
     """'90', '90s', '15m', '4h', '1h30m' -> seconds. Raises ValueError with a clear message."""
     s = text.strip().lower()

@@ -18,18 +18,11 @@ import numpy as np
 import orjson
 
 from replay import arrivals
-from replay.config import parse_duration
+from replay.config import duration_arg
 from replay.errors import ReplayError
 from replay.formats import FORMATS, TraceFile, load_trace
 from replay.trace import TraceRecord, make_header, write_trace
 from replay.trace_stats import format_stats, stats_for_file
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_load_args(p: argparse.ArgumentParser) -> None:
@@ -66,7 +59,7 @@ def add_trace_subparser(subparsers: Any) -> argparse.ArgumentParser:
     sy = sub.add_parser("synth", help="synthetic trace from arrival and length distributions")
     sy.add_argument("output", type=Path)
     sy.add_argument("--rate", type=float, required=True, help="mean requests/s")
-    sy.add_argument("--duration", type=_duration, default=None, help="trace length: 60, 90s, 15m")
+    sy.add_argument("--duration", type=duration_arg, default=None, help="trace length: 60, 90s, 15m")
     sy.add_argument("--requests", type=int, default=None, help="number of requests")
     sy.add_argument("--arrival", choices=arrivals.KINDS, default="poisson")
     sy.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: <1 burstier, 1 = Poisson")
