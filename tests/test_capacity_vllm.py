@@ -48,7 +48,16 @@ async def test_short_capacity_run_on_vllm_cpu(tmp_path):
     assert res["open_loop_steps"] <= 3 and len(doc["steps"]) == res["open_loop_steps"]
     for s in doc["steps"]:
         assert s["goodput"]["scheduled"] > 0 and s["passed"] == (not s["reasons"])
-    if res["max_slo_rate_req_s"]:
-        # Nothing sustains more than the closed-loop plateau (with room for noise).
-        assert res["max_slo_rate_req_s"] <= 1.5 * max(lv["throughput_req_s"] for lv in probe)
+    for s in doc["steps"]:
+        if s["passed"]:
+            # A pass means the server really served the offered rate, not that a queue grew quietly
+            # (Poisson over the 6 s window: a few percent of noise).
+            assert s["achieved_req_s"] >= 0.8 * s["rate_req_s"], s
+    probe_x = [lv["throughput_req_s"] for lv in probe]
+    saturated = len(probe_x) > 1 and probe_x[-1] < opts.probe_growth * max(probe_x[:-1])
+    if res["max_slo_rate_req_s"] and saturated:
+        # The probe saturated (a doubling added < 10%): its plateau bounds the answer.
+        # When throughput still grew at concurrency 8 it is only a lower bound, and the search
+        # rightly goes above it.
+        assert res["max_slo_rate_req_s"] <= 1.5 * max(probe_x)
     assert target.describe()  # describes itself after close (for the report)
