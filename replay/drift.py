@@ -3,7 +3,8 @@
 The early window is the first `window_s` after a warm-up; the late window the last `window_s`.
 Latency is compared on merged HDR histograms of each window (a p99 of the window, not a mean
 of per-interval p99s); error rate, server KV-cache use and the tool's own RSS on interval means.
-Memory is bounded: the early window is one merged histogram set, the late window a deque.
+Memory is bounded and small: the early window is one merged histogram set, the late window a
+deque of compressed encodings (a few hundred bytes each, not 184 KiB of live buckets).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class DriftTracker:
         self._seen = 0
         self._early: dict[str, HdrHistogram] = {m: H.new() for m in LATENCY}
         self._early_rows: list[dict[str, Any]] = []
-        self._late: deque[tuple[dict[str, HdrHistogram], dict[str, Any]]] = deque(maxlen=self.window_n)
+        self._late: deque[tuple[dict[str, str], dict[str, Any]]] = deque(maxlen=self.window_n)
 
     def add(self, hists: dict[str, HdrHistogram], row: dict[str, Any]) -> None:
         self._seen += 1
@@ -46,16 +47,13 @@ class DriftTracker:
             for m in LATENCY:
                 self._early[m].add(hists[m])
             self._early_rows.append(row)
-        kept = {m: H.new() for m in LATENCY}
-        for m in LATENCY:
-            kept[m].add(hists[m])
-        self._late.append((kept, row))
+        self._late.append(({m: H.encode(hists[m]) for m in LATENCY}, row))
 
     def verdict(self, bounds: DriftBounds | None = None) -> dict[str, Any]:
         b = bounds or DriftBounds()
         if self._seen < self.warmup_n + 2 * self.window_n:
             return {"verdict": "too_short", "detail": "run shorter than warm-up plus two comparison windows"}
-        late = {m: H.merge([h[m] for h, _ in self._late]) for m in LATENCY}
+        late = {m: H.merge([H.decode(h[m]) for h, _ in self._late]) for m in LATENCY}
         late_rows = [r for _, r in self._late]
         figures: dict[str, Any] = {}
         drifted: list[str] = []

@@ -6,6 +6,9 @@ at 20 ms). Rates (tokens/s per request) use the same histogram in milli-units so
 
 from __future__ import annotations
 
+import ctypes
+import sys
+
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
@@ -23,6 +26,18 @@ PERCENTILES: tuple[tuple[str, float], ...] = (
 
 def new() -> HdrHistogram:
     return HdrHistogram(LOWEST, HIGHEST, SIGFIGS)
+
+
+def reset(h: HdrHistogram) -> None:
+    """Empty `h` in place, as hdrh's `reset()` does but with one memset instead of a Python loop
+    over 23,552 buckets (2 ms each). Reusing histograms keeps their 184 KiB arrays from churning
+    through the C heap every interval, which fragmented it: RSS grew with run length."""
+    ctypes.memset(h.counts, 0, ctypes.sizeof(h.counts))
+    h.total_count = 0
+    h.min_value = sys.maxsize
+    h.max_value = 0
+    h.start_time_stamp_msec = sys.maxsize
+    h.end_time_stamp_msec = 0
 
 
 def record_seconds(h: HdrHistogram, seconds: float) -> None:

@@ -70,6 +70,7 @@ class Recorder:
     def __init__(self) -> None:
         self.total = _new_set()
         self.interval = _new_set()
+        self._spare: dict[str, HdrHistogram] | None = None  # the set roll() returned last
         self.counts = Counts()
         self.interval_counts = Counts()
         self.error_examples: dict[str, list[str]] = {}
@@ -127,11 +128,20 @@ class Recorder:
             ex.append(rec.error_detail)
 
     def roll(self) -> tuple[dict[str, HdrHistogram], Counts]:
-        """Close the current interval: returns its histograms and counts, and adds them to the total."""
+        """Close the current interval: returns its histograms and counts, and adds them to the total.
+
+        The returned histograms are valid until the next `roll()`, which empties and reuses them:
+        two sets alternate for the whole run, so memory does not depend on its length."""
         done, counts = self.interval, self.interval_counts
         for m in METRICS:
             self.total[m].add(done[m])
-        self.interval, self.interval_counts = _new_set(), Counts()
+        spare = self._spare
+        if spare is None:
+            spare = _new_set()
+        else:
+            for h in spare.values():
+                H.reset(h)
+        self.interval, self._spare, self.interval_counts = spare, done, Counts()
         return done, counts
 
     def close(self) -> dict[str, HdrHistogram]:

@@ -58,6 +58,35 @@ def test_intervals_sum_to_total_and_merge_is_lossless():
             assert merged.get_value_at_percentile(p) == tw[m].get_value_at_percentile(p)
 
 
+def test_each_interval_holds_only_its_own_requests():
+    """roll() reuses two histogram sets; an interval must never carry values of an earlier one."""
+    rec = Recorder()
+    for k in range(5):
+        ttft = 0.010 * (k + 1)  # every interval has its own, distinct TTFT
+        for i in range(20 + k):
+            rec.add(ok_record(100 * k + i, ttft=ttft, itl=0.002, n=3))
+        hists, counts = rec.roll()
+        s = H.summary_ms(hists["ttft"])
+        assert counts.ok == 20 + k and s["count"] == 20 + k
+        assert abs(s["p50"] - ttft * 1000) < 0.05 and abs(s["max"] - ttft * 1000) < 0.05
+        assert hists["itl"].get_total_count() == (20 + k) * 2
+    assert rec.total["ttft"].get_total_count() == sum(20 + k for k in range(5))
+
+
+def test_reset_equals_a_fresh_histogram():
+    h = H.new()
+    for v in (1, 999, 123_456, H.HIGHEST):
+        h.record_value(v)
+    H.reset(h)
+    assert H.encode(h) == H.encode(H.new()) and h.get_total_count() == 0
+    assert H.summary_ms(h)["p50"] is None
+    fresh = H.new()
+    for x in (h, fresh):
+        x.record_value(5000)
+    assert H.encode(h) == H.encode(fresh) and H.summary_ms(h) == H.summary_ms(fresh)
+    assert (h.get_min_value(), h.get_max_value()) == (fresh.get_min_value(), fresh.get_max_value())
+
+
 def test_accounting_and_summary_shape():
     rec = Recorder()
     rec.add(ok_record(0, 0.01, 0.001, 4))
