@@ -171,9 +171,7 @@ class RecordProxy:
                 why = "no answer within 15 s"
             else:
                 why = f"{type(exc).__name__}: {exc}"
-            raise ReplayError(
-                f"--upstream {self.upstream}: unreachable ({why})"
-            ) from None
+            raise ReplayError(f"--upstream {self.upstream}: unreachable ({why})") from None
 
     def _header(self) -> dict[str, Any]:
         return {

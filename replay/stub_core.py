@@ -220,7 +220,12 @@ class StubServer:
         s.continuous = s.usage and self.cfg.continuous_usage and bool(opts.get("continuous_usage_stats"))
         kind = b"chat.completion.chunk" if chat else b"text_completion"
         s.head = b'{"id":"%s-%d","object":"%s","created":%d,"model":%s,"choices":[' % (
-            b"chatcmpl" if chat else b"cmpl", index, kind, self._created, self._model_json)
+            b"chatcmpl" if chat else b"cmpl",
+            index,
+            kind,
+            self._created,
+            self._model_json,
+        )
         conn.stream = s
         if self.cfg.max_concurrency and self._active >= self.cfg.max_concurrency:
             self._queue.append(s)
@@ -416,5 +421,3 @@ def _count_prompt(req: dict[str, Any], chat: bool) -> int:
     if isinstance(prompt, str):
         return len(prompt.split())
     raise ValueError("prompt must be a string or a list of token ids")
-
-

@@ -107,8 +107,13 @@ def _parse_args(argv: list[str] | None) -> tuple[StubConfig, str, int]:
     ap.add_argument("--vllm", action="store_true", help="look like vLLM: GET /version, owned_by vllm")
     ap.add_argument("--model", default="stub-model")
     ap.add_argument("--spin-ms", type=float, default=1.0, help="poll the loop this long before each write")
-    ap.add_argument("--fault", action="append", default=[], metavar="SPEC:PROB",
-                    help="fault with a probability: reset@3:0.01, http_500:0.05, stall@2:1.5:0.1")
+    ap.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="SPEC:PROB",
+        help="fault with a probability: reset@3:0.01, http_500:0.05, stall@2:1.5:0.1",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--api-key", default=None, help="require this bearer key on /v1/* (like vLLM --api-key)")
     a = ap.parse_args(argv)

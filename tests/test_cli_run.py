@@ -101,8 +101,15 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize(
     "case",
-    ["unknown_target", "zero_rate", "negative_rate", "unreachable", "not_openai", "bad_duration",
-     "bad_trace"],  # fmt: skip
+    [
+        "unknown_target",
+        "zero_rate",
+        "negative_rate",
+        "unreachable",
+        "not_openai",
+        "bad_duration",
+        "bad_trace",
+    ],  # fmt: skip
 )
 def test_bad_input_is_one_clear_line(case, stub, html_server, tmp_path):
     args = {
