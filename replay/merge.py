@@ -31,9 +31,17 @@ from replay.shard import IntervalReport, WorkerResult
 ALL_METRICS = (*METRICS, "loop_lag")
 
 
-def merge_hists(encoded: list[dict[str, str]]) -> dict[str, HdrHistogram]:
-    """Decode-add per metric; a metric no worker recorded is an empty histogram."""
-    out = {m: H.new() for m in ALL_METRICS}
+def merge_hists(
+    encoded: list[dict[str, str]], into: dict[str, HdrHistogram] | None = None
+) -> dict[str, HdrHistogram]:
+    """Decode-add per metric; a metric no worker recorded is an empty histogram. With `into`,
+    that set is emptied and reused (per-interval merges must not churn the C heap)."""
+    if into is None:
+        out = {m: H.new() for m in ALL_METRICS}
+    else:
+        out = into
+        for h in out.values():
+            H.reset(h)
     for enc in encoded:
         for m, text in enc.items():
             if text:
@@ -131,6 +139,7 @@ class IntervalMerger:
         self._done: set[int] = set()
         self._pending: dict[int, list[IntervalReport]] = {}
         self.drift = DriftTracker(interval_s)
+        self._hists: dict[str, HdrHistogram] | None = None  # one set, reused for every interval
         self.rss_peak_mb = 0.0  # peak over intervals of the workers' summed RSS
         self.written = 0
 
@@ -156,8 +165,9 @@ class IntervalMerger:
             self._write(k, self._pending.pop(k))
 
     def _write(self, k: int, reps: list[IntervalReport]) -> None:
-        hists = merge_hists([r.hists for r in reps])
-        del hists["loop_lag"]
+        merged = merge_hists([r.hists for r in reps], into=self._hists)
+        self._hists = merged
+        hists = {m: h for m, h in merged.items() if m != "loop_lag"}
         counts = merge_counts([r.counts for r in reps])
         start = k * self.interval_s
         length = max(r.length_s for r in reps)

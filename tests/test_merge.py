@@ -164,6 +164,9 @@ def test_interval_merger_waits_for_every_worker_and_keeps_order(tmp_path: Path) 
     assert [r["ok"] for r in rows] == [3, 1, 2]
     assert [r["workers"] for r in rows] == [2, 1, 2]
     assert rows[0]["in_flight"] == 2 and abs(rows[0]["ttft_p50_ms"] - 20.0) <= 0.02  # HDR: 3 digits
+    # Each row holds only its own interval (the merger reuses one histogram set).
+    assert [round(r["ttft_p50_ms"]) for r in rows] == [20, 30, 50]
+    assert [round(r["ttft_p99_ms"]) for r in rows] == [40, 30, 60]
     tags = [
         line.split(",")[0]
         for line in (tmp_path / "i.hlog").read_text().splitlines()
