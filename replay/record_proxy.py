@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -44,6 +43,7 @@ from replay.record_trace import (
     parse_prompt,
     trace_line,
 )
+from replay.targets.http_config import is_loopback
 from replay.trace import TraceRecord
 
 # Hop-by-hop headers (RFC 9110 7.6.1) and those aiohttp recomputes; never forwarded as-is.
@@ -83,15 +83,6 @@ def parse_listen(text: str) -> tuple[str, int]:
     except ValueError:
         raise ReplayError(f"--listen: expected HOST:PORT, got {text!r}") from None
     return host, n
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _upstream_root(url: str) -> str:

@@ -34,7 +34,7 @@ class HTTPTargetConfig:
         parts = urlsplit(self.base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             out.append(f"base_url: expected http(s)://host:port/v1, got {self.base_url!r}")
-        elif not self.allow_remote and not _is_loopback(parts.hostname):
+        elif not self.allow_remote and not is_loopback(parts.hostname):
             out.append(
                 f"base_url: {parts.hostname} is not a loopback address; load tests only target "
                 "127.0.0.1/localhost/::1 unless allow_remote = true"
@@ -60,7 +60,8 @@ class HTTPTargetConfig:
         return cls(**d)
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
+    """Load goes only to this machine unless a user opts out: localhost or a loopback IP."""
     if host == "localhost":
         return True
     try:
