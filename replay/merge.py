@@ -139,7 +139,7 @@ class IntervalMerger:
         self._done: set[int] = set()
         self._pending: dict[int, list[IntervalReport]] = {}
         self.drift = DriftTracker(interval_s)
-        self._hists: dict[str, HdrHistogram] | None = None  # one set, reused for every interval
+        self._hists = {m: H.new() for m in ALL_METRICS}  # one set, reused for every interval
         self.rss_peak_mb = 0.0  # peak over intervals of the workers' summed RSS
         self.written = 0
 
@@ -166,7 +166,6 @@ class IntervalMerger:
 
     def _write(self, k: int, reps: list[IntervalReport]) -> None:
         merged = merge_hists([r.hists for r in reps], into=self._hists)
-        self._hists = merged
         hists = {m: h for m, h in merged.items() if m != "loop_lag"}
         counts = merge_counts([r.counts for r in reps])
         start = k * self.interval_s

@@ -70,7 +70,7 @@ class Recorder:
     def __init__(self) -> None:
         self.total = _new_set()
         self.interval = _new_set()
-        self._spare: dict[str, HdrHistogram] | None = None  # the set roll() returned last
+        self._spare = _new_set()  # the set roll() returned last; the next interval reuses it
         self.counts = Counts()
         self.interval_counts = Counts()
         self.error_examples: dict[str, list[str]] = {}
@@ -136,11 +136,8 @@ class Recorder:
         for m in METRICS:
             self.total[m].add(done[m])
         spare = self._spare
-        if spare is None:
-            spare = _new_set()
-        else:
-            for h in spare.values():
-                H.reset(h)
+        for h in spare.values():
+            H.reset(h)
         self.interval, self._spare, self.interval_counts = spare, done, Counts()
         return done, counts
 
