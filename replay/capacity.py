@@ -225,7 +225,10 @@ class CapacitySearch:
         reasons = verdict.failures() + list(sat.reasons)
         if aborted:
             reasons.insert(0, f"stopped early: {aborted}")
-        ok_in_window = [ln for ln in lines if ln["status"] == "ok" and w0 <= ln["intended_s"] < w1]
+        # Completions per second inside the window: under a constant offered rate this equals the
+        # rate in steady state and the service rate in overload. Dividing requests intended in the
+        # window by the time to the last one's end instead would read latency as lost throughput.
+        ended_in_window = sum(1 for ln in lines if ln["status"] == "ok" and w0 <= (ln["end_s"] or 0) < w1)
         return {
             "index": len(self.steps),
             "phase": phase,
@@ -237,7 +240,8 @@ class CapacitySearch:
             "aborted": aborted,
             "verdict": verdict.to_json(),
             "goodput": gp.to_json(),
-            "achieved_req_s": round(len(ok_in_window) / gp.span_s, 4) if gp.span_s else None,
+            "arrived_req_s": round(sat.arrivals / (w1 - w0), 4),  # the rate this Poisson draw offered
+            "achieved_req_s": round(ended_in_window / (w1 - w0), 4),
             "saturation": sat.to_json(),
             "latency_ms": _latency(hists),
             "trustworthy": summary["selfcheck"]["trustworthy"],

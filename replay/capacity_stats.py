@@ -48,7 +48,7 @@ class Saturation:
     """Signs that the server fell behind the offered rate during a step's measurement window."""
 
     arrivals: int  # requests intended in the window
-    backlog_start: int  # outstanding (sent, not ended) at the window's start
+    backlog_start: int  # outstanding (intended, not ended) at the window's start
     backlog_end: int  # ... at the schedule's end
     ttft_slope_ms_s: float | None  # least-squares slope of TTFT (from intended) over intended time
     ttft_rise_ms: float | None  # that slope times the window length
@@ -71,7 +71,9 @@ def saturation(
       TTFT trend: the fitted TTFT rise over the window exceeds 3x the baseline TTFT + 50 ms,
       and the backlog grew at all.
     """
-    spans = [(ln["sent_s"], ln["end_s"]) for ln in lines if ln.get("sent_s") is not None and ln.get("end_s")]
+    # Outstanding from the intended time, not the send: a request the client sent late (engine
+    # lag on a busy machine) is backlog too, and the offered rate was not really offered.
+    spans = [(ln["intended_s"], ln["end_s"]) for ln in lines if ln.get("end_s")]
 
     def outstanding(t: float) -> int:
         return sum(1 for s, e in spans if s <= t < e)

@@ -21,6 +21,7 @@ from replay import histogram as H
 from replay import svgplot as P
 from replay.capacity_stats import window_hists
 from replay.errors import ReplayError
+from replay.md_report import STEP_COLUMNS
 from replay.slo import parse_slo
 
 CSS = """
@@ -210,7 +211,7 @@ def capacity_html(cap_dir: Path, doc: dict[str, Any]) -> str:
             body += distribution_charts(window_hists(run_dir, warm), f"{label}, warm-up excluded", fig)
             body += timeseries_charts(run_dir, label, fig)
         body.append("</div>")
-    body.append("<h2>All open-loop steps</h2>" + _steps_table(doc))
+    body.append("<h2>All open-loop steps</h2>" + _steps_table(doc) + f"<p>{escape(STEP_COLUMNS)}</p>")
     body.append("<h2>Probe levels</h2>" + _probe_table(doc))
     rep = doc.get("replicas")
     if rep and rep.get("replicas") is not None:
@@ -240,6 +241,7 @@ def _steps_table(doc: dict[str, Any]) -> str:
                 s["index"],
                 s["phase"],
                 s["rate_req_s"],
+                s.get("arrived_req_s"),
                 verdict_span(s["passed"]),
                 lat["ttft_intended"]["p50"],
                 lat["ttft_intended"]["p99"],
@@ -250,8 +252,8 @@ def _steps_table(doc: dict[str, Any]) -> str:
                 "; ".join(s["reasons"])[:160] or "-",
             ]
         )
-    header = ["#", "phase", "rate", "verdict", "TTFT p50", "TTFT p99", "ITL p99", "achieved", "goodput"]
-    return _table([*header, "attainment", "why"], rows, left=2)
+    header = ["#", "phase", "rate", "arrived", "verdict", "TTFT p50", "TTFT p99", "ITL p99", "achieved"]
+    return _table([*header, "goodput", "attainment", "why"], rows, left=2)
 
 
 def _probe_table(doc: dict[str, Any]) -> str:

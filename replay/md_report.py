@@ -18,6 +18,13 @@ def _f(v: Any, unit: str = "") -> str:
     return f"{v}{unit}"
 
 
+STEP_COLUMNS = (
+    "Per second over each step's measurement window (warm-up excluded): rate is the nominal offered "
+    "rate, arrived the rate this seeded draw actually scheduled, achieved the completions, goodput the "
+    "arrivals that met every SLO bound."
+)
+
+
 def capacity_key_rows(doc: dict[str, Any]) -> list[list[str]]:
     r = doc.get("result", {})
     base = (doc.get("baseline") or {}).get("latency_ms", {})
@@ -104,14 +111,18 @@ def capacity_md(doc: dict[str, Any]) -> str:
                 s["index"],
                 s["phase"],
                 s["rate_req_s"],
+                s.get("arrived_req_s"),
                 "PASS" if s["passed"] else "FAIL",
                 lat["ttft_intended"]["p99"],
                 lat["itl"]["p99"],
+                s["achieved_req_s"],
                 s["goodput"]["goodput_req_s"],
                 ("; ".join(s["reasons"])[:120] or "-").replace("|", "/"),
             ]
         )
-    lines += _md_table(["#", "phase", "rate", "verdict", "TTFT p99 ms", "ITL p99 ms", "goodput", "why"], rows)
+    header = ["#", "phase", "rate", "arrived", "verdict", "TTFT p99 ms", "ITL p99 ms", "achieved", "goodput"]
+    lines += _md_table([*header, "why"], rows)
+    lines += ["", STEP_COLUMNS]
     lines += ["", "## Closed-loop probe", ""]
     rows = [
         [

@@ -291,7 +291,9 @@ class Goodput:
     ok: int
     failed: int  # errors + not sent
     met: int
-    span_s: float | None  # from start_s to the last counted request's end (or intended time)
+    # A bounded window: its length, so met/span is the rate of SLO-meeting arrivals and does not
+    # shrink with latency. Unbounded (a whole run): from start_s to the last counted request's end.
+    span_s: float | None
     goodput_req_s: float | None
     attainment: float | None
 
@@ -328,7 +330,10 @@ def goodput(
         if slo.request_meets(line):
             met += 1
         last = max(last, line.get("end_s") or t)
-    span = last - start_s if last > start_s else None
+    if math.isfinite(end_s):
+        span = end_s - start_s if end_s > start_s else None
+    else:
+        span = last - start_s if last > start_s else None
     return Goodput(
         scheduled=scheduled,
         ok=ok,

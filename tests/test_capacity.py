@@ -76,6 +76,11 @@ async def test_search_finds_the_analytic_max_rate_of_a_k_slot_stub(tmp_path):
         assert s["passed"] == (not s["reasons"])
         if s["rate_req_s"] > 1.1 * mu:
             assert not s["passed"]
+        # Achieved throughput is the completion rate in the window: the offered rate below μ
+        # (constant arrivals, S = 0.48 s well inside the 3 s warm-up), at most μ above it.
+        if not s["aborted"]:
+            truth = min(s["rate_req_s"], mu)
+            assert abs(s["achieved_req_s"] - truth) / truth <= 0.1, (s["rate_req_s"], s["achieved_req_s"])
     saved = orjson.loads((tmp_path / "capacity.json").read_bytes())
     assert saved["result"] == res and saved["slo"] == "ttft_p99<=400ms"
 

@@ -96,6 +96,19 @@ def test_saturation_backlog_growth_versus_a_stable_queue():
     assert len(s.reasons) == 2 and s.ttft_slope_ms_s == pytest.approx(1000, rel=0.05)  # +1 s per s
 
 
+def test_saturation_counts_a_client_that_sends_late_as_backlog():
+    """The server answers every request 0.1 s after it is sent, but the client falls behind its
+    schedule by 0.05 s per request sent: the sent-based queue stays at one, the offered rate was
+    not delivered, and the backlog counted from intended times shows it."""
+    late = [
+        _ln(t, t + 0.05 * i, t + 0.05 * i + 0.05, t + 0.05 * i + 0.1)
+        for i, t in enumerate(np.arange(0, 10, 0.1))
+    ]
+    s = saturation(late, 2.0, 10.0, baseline_ttft_s=0.05)
+    # Request i ends at 0.15 i + 0.1 s: 8 outstanding at 2 s (i = 13..20), 33 at 10 s (i = 67..99).
+    assert s.saturated and (s.backlog_start, s.backlog_end) == (8, 33)
+
+
 def test_window_hists_drop_the_warmup_intervals(tmp_path):
     log = IntervalLog(tmp_path / "intervals.hlog", 0.0)
     for start, value_ms in ((0.0, 500), (1.0, 500), (2.0, 10), (3.0, 20)):

@@ -50,9 +50,10 @@ async def test_short_capacity_run_on_vllm_cpu(tmp_path):
         assert s["goodput"]["scheduled"] > 0 and s["passed"] == (not s["reasons"])
     for s in doc["steps"]:
         if s["passed"]:
-            # A pass means the server really served the offered rate, not that a queue grew quietly
-            # (Poisson over the 6 s window: a few percent of noise).
-            assert s["achieved_req_s"] >= 0.8 * s["rate_req_s"], s
+            # A pass means the server completed what arrived in the window (this Poisson draw's
+            # rate, which over 6 s sits up to ~20% off the nominal one), not that a queue grew
+            # quietly: at most 10% backlog growth and 5% errors are allowed.
+            assert s["achieved_req_s"] >= 0.8 * s["arrived_req_s"], s
     probe_x = [lv["throughput_req_s"] for lv in probe]
     saturated = len(probe_x) > 1 and probe_x[-1] < opts.probe_growth * max(probe_x[:-1])
     if res["max_slo_rate_req_s"] and saturated:

@@ -152,6 +152,10 @@ def test_goodput_and_attainment_on_known_requests(tmp_path):
     assert gp.goodput_req_s == pytest.approx(5 / 8.5, abs=1e-4)
     whole = goodput(read_requests(path), slo)
     assert (whole.scheduled, whole.met) == (10, 6)
+    # A bounded window divides by its own length: request 8 ends at 9.5 s, past the window.
+    win = goodput(read_requests(path), slo, 1.0, 9.0)
+    assert (win.scheduled, win.met, win.span_s) == (8, 4, pytest.approx(8.0))
+    assert win.goodput_req_s == pytest.approx(4 / 8.0, abs=1e-4)
     # itl_max is judged on each request's own max gap: request 3 (20 ms) fails itl_max<20ms.
     assert goodput(read_requests(path), parse_slo("itl_max<20ms"), 1.0).met == 5  # 1,2,4,8,9
 
