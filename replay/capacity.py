@@ -38,6 +38,7 @@ import orjson
 from replay import arrivals, schedule
 from replay import histogram as H
 from replay.capacity_stats import (
+    ended_ok,
     knee,
     median_of,
     replica_estimate,
@@ -167,7 +168,7 @@ class CapacitySearch:
         # histograms come from the interval log.
         w0 = (0.2 * o.probe_s // o.interval_s) * o.interval_s
         lines = list(read_requests(run_dir / "requests.jsonl"))
-        done = [ln for ln in lines if ln["status"] == "ok" and w0 <= (ln["end_s"] or 0) < o.probe_s]
+        done = ended_ok(lines, w0, o.probe_s)
         gp = goodput(lines, o.slo, w0)
         hists = window_hists(run_dir, w0)
         verdict = o.slo.evaluate(hists, gp.scheduled, gp.failed)
@@ -225,10 +226,6 @@ class CapacitySearch:
         reasons = verdict.failures() + list(sat.reasons)
         if aborted:
             reasons.insert(0, f"stopped early: {aborted}")
-        # Completions per second inside the window: under a constant offered rate this equals the
-        # rate in steady state and the service rate in overload. Dividing requests intended in the
-        # window by the time to the last one's end instead would read latency as lost throughput.
-        ended_in_window = sum(1 for ln in lines if ln["status"] == "ok" and w0 <= (ln["end_s"] or 0) < w1)
         return {
             "index": len(self.steps),
             "phase": phase,
@@ -241,7 +238,7 @@ class CapacitySearch:
             "verdict": verdict.to_json(),
             "goodput": gp.to_json(),
             "arrived_req_s": round(sat.arrivals / (w1 - w0), 4),  # the rate this Poisson draw offered
-            "achieved_req_s": round(ended_in_window / (w1 - w0), 4),
+            "achieved_req_s": round(len(ended_ok(lines, w0, w1)) / (w1 - w0), 4),
             "saturation": sat.to_json(),
             "latency_ms": _latency(hists),
             "trustworthy": summary["selfcheck"]["trustworthy"],

@@ -43,6 +43,14 @@ def window_hists(run_dir: Path, start_s: float) -> dict[str, HdrHistogram]:
     return out
 
 
+def ended_ok(lines: Iterable[dict[str, Any]], start_s: float, end_s: float) -> list[dict[str, Any]]:
+    """Successful requests that *ended* in [start_s, end_s): their count over the window is the
+    completion rate, the offered rate in steady state and the service rate in overload. Counting
+    requests intended in the window over the time to the last one's end instead would read
+    latency as lost throughput."""
+    return [ln for ln in lines if ln["status"] == "ok" and start_s <= (ln["end_s"] or 0) < end_s]
+
+
 @dataclass(frozen=True, slots=True)
 class Saturation:
     """Signs that the server fell behind the offered rate during a step's measurement window."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -104,8 +105,6 @@ class RunConfig:
 
 def duration_arg(text: str) -> float:
     """argparse `type=` for durations: a bad one becomes argparse's own one-line usage error."""
-    import argparse
-
     try:
         return parse_duration(text)
     except ValueError as exc:

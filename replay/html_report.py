@@ -21,7 +21,7 @@ from replay import histogram as H
 from replay import svgplot as P
 from replay.capacity_stats import window_hists
 from replay.errors import ReplayError
-from replay.md_report import STEP_COLUMNS
+from replay.md_report import STEP_COLUMNS, capacity_key_rows
 from replay.slo import parse_slo
 
 CSS = """
@@ -173,8 +173,6 @@ def _num(v: Any) -> bool:
 
 
 def capacity_html(cap_dir: Path, doc: dict[str, Any]) -> str:
-    from replay.md_report import capacity_key_rows
-
     res = doc.get("result", {})
     target = doc.get("target", {})
     title = f"Capacity — {target.get('name') or target.get('kind') or doc['options'].get('target_name')}"
