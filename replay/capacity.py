@@ -220,7 +220,11 @@ class CapacitySearch:
         w0, w1 = o.warmup_s, o.step_s
         lines = list(read_requests(run_dir / "requests.jsonl"))
         hists = window_hists(run_dir, w0)
-        gp = goodput(lines, o.slo, w0, w1)
+        # An early stop ends the schedule at its last request: per-second rates are over the part
+        # of the window that ran, not the whole of it (that would understate them).
+        end = min(w1, max((ln["intended_s"] for ln in lines), default=w0)) if aborted else w1
+        span = end - w0
+        gp = goodput(lines, o.slo, w0, end)
         verdict = o.slo.evaluate(hists, gp.scheduled, gp.failed)
         sat = saturation(lines, w0, w1, self.baseline_ttft_s)
         reasons = verdict.failures() + list(sat.reasons)
@@ -237,8 +241,9 @@ class CapacitySearch:
             "aborted": aborted,
             "verdict": verdict.to_json(),
             "goodput": gp.to_json(),
-            "arrived_req_s": round(sat.arrivals / (w1 - w0), 4),  # the rate this Poisson draw offered
-            "achieved_req_s": round(len(ended_ok(lines, w0, w1)) / (w1 - w0), 4),
+            "window_s": round(span, 3),
+            "arrived_req_s": round(gp.scheduled / span, 4) if span > 0 else None,  # what the draw offered
+            "achieved_req_s": round(len(ended_ok(lines, w0, end)) / span, 4) if span > 0 else None,
             "saturation": sat.to_json(),
             "latency_ms": _latency(hists),
             "trustworthy": summary["selfcheck"]["trustworthy"],

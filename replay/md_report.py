@@ -19,9 +19,9 @@ def _f(v: Any, unit: str = "") -> str:
 
 
 STEP_COLUMNS = (
-    "Per second over each step's measurement window (warm-up excluded): rate is the nominal offered "
-    "rate, arrived the rate this seeded draw actually scheduled, achieved the completions, goodput the "
-    "arrivals that met every SLO bound."
+    "Per second over each step's measurement window (warm-up excluded, cut short where a step "
+    "stopped early): rate is the nominal offered rate, arrived the rate this seeded draw actually "
+    "scheduled, achieved the completions, goodput the arrivals that met every SLO bound."
 )
 
 

@@ -76,6 +76,9 @@ async def test_search_finds_the_analytic_max_rate_of_a_k_slot_stub(tmp_path):
         assert s["passed"] == (not s["reasons"])
         if s["rate_req_s"] > 1.1 * mu:
             assert not s["passed"]
+        # Constant arrivals: the window (cut short where the step stopped early) holds its
+        # length times the rate, give or take the one arrival at either edge.
+        assert abs(s["arrived_req_s"] - s["rate_req_s"]) * s["window_s"] <= 1.01, s
         # Achieved throughput is the completion rate in the window: the offered rate below μ
         # (constant arrivals, S = 0.48 s well inside the 3 s warm-up), at most μ above it.
         if not s["aborted"]:
