@@ -35,8 +35,8 @@ $(VENV)/.installed: pyproject.toml
 
 model: $(MODEL_DIR)/config.json
 
-$(MODEL_DIR)/config.json: $(VENV)/.installed replay/tiny_model.py
-	$(PY) -m replay.tiny_model --out $(MODEL_DIR)
+$(MODEL_DIR)/config.json: $(VENV)/.installed replay/targets/tiny_model.py
+	$(PY) -m replay.targets.tiny_model --out $(MODEL_DIR)
 
 # Headless Chromium for the HTML report test (Debian's package; a fresh CI machine lacks it).
 CHROMIUM ?= /usr/bin/chromium

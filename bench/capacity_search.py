@@ -28,9 +28,9 @@ import uvloop
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from replay.capacity import CapacityOptions, CapacitySearch  # noqa: E402
-from replay.slo import parse_slo  # noqa: E402
-from replay.stub_server import StubProcess  # noqa: E402
+from replay.capacity.search import CapacityOptions, CapacitySearch  # noqa: E402
+from replay.capacity.slo import parse_slo  # noqa: E402
+from replay.stub.server import StubProcess  # noqa: E402
 from replay.targets.registry import load_target  # noqa: E402
 
 K, TTFT_S, ITL_S, N_OUT = 4, 0.100, 0.020, 20

@@ -1,7 +1,7 @@
 """In-process transformers target on a GPU: TTFT/ITL under Poisson load and GPU memory.
 
 Builds the tiny default model and a larger random Llama (~0.8B parameters) with the same
-offline recipe (replay.tiny_model), then for each runs open-loop Poisson schedules through
+offline recipe (replay.targets.tiny_model), then for each runs open-loop Poisson schedules through
 `TransformersLocalTarget` (transformers' own continuous batching) and records the summary
 figures plus GPU memory (torch's peak allocation and NVML's device-wide use).
 
@@ -18,10 +18,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from replay import arrivals, schedule, tiny_model
-from replay.config import RunConfig
-from replay.prompts import PromptBuilder
-from replay.run import execute, run_in_uvloop
+from replay.run.config import RunConfig
+from replay.run.runner import execute, run_in_uvloop
+from replay.schedule import arrivals
+from replay.schedule import synthetic as schedule
+from replay.schedule.prompts import PromptBuilder
+from replay.targets import tiny_model
 from replay.targets.transformers_local import TransformersLocalTarget, TransformersTargetConfig
 
 LARGER = dict(

@@ -5,8 +5,8 @@
 Every interval close summarises and empties histograms on the run's event loop, so their cost is
 loop stall. A summary is five percentiles + mean of one histogram at replay's range (1 us .. 1 h,
 3 significant digits) holding 100k log-normal latencies; hdrh computes each percentile and the mean
-by walking the counts in Python, replay.histogram with numpy over the same counts (the values are
-checked equal here too). Reset: hdrh's `reset()` against `replay.histogram.reset` (one memset).
+by walking the counts in Python, replay.stats.histogram with numpy over the same counts (the values are
+checked equal here too). Reset: hdrh's `reset()` against `replay.stats.histogram.reset` (one memset).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from replay import histogram as H  # noqa: E402
+from replay.stats import histogram as H  # noqa: E402
 
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -58,11 +58,11 @@ def main() -> int:
             best_ms(lambda: ([h.get_value_at_percentile(p) for p in ps], h.get_mean_value()), a.repeats),
         ),
         (
-            "summary: 5 percentiles + mean, replay.histogram",
+            "summary: 5 percentiles + mean, replay.stats.histogram",
             best_ms(lambda: (H.percentiles(h, ps), H.mean(h)), a.repeats),
         ),
         ("reset one histogram, hdrh reset()", best_ms(spare.reset, a.repeats)),
-        ("reset one histogram, replay.histogram.reset", best_ms(lambda: H.reset(spare), a.repeats)),
+        ("reset one histogram, replay.stats.histogram.reset", best_ms(lambda: H.reset(spare), a.repeats)),
         ("allocate one histogram (for scale)", best_ms(H.new, a.repeats)),
     ]
     lines = [

@@ -116,7 +116,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--out", type=Path, default=ROOT / "bench")
     a = ap.parse_args()
-    stub = subprocess.Popen([PY, "-m", "replay.stub_server", "--port", "0", "--ttft-ms", "20", "--itl-ms", "5"],
+    stub = subprocess.Popen([PY, "-m", "replay.stub.server", "--port", "0", "--ttft-ms", "20", "--itl-ms", "5"],
                             stdout=subprocess.PIPE, env=ENV)  # fmt: skip
     try:
         assert stub.stdout is not None

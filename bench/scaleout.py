@@ -61,7 +61,7 @@ class Stub:
     def __init__(self, url: str | None, core: int, ttft_ms: float, itl_ms: float, spin_ms: float) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
         if url is None:
-            cmd = [PY, "-m", "replay.stub_server", "--port", "0", "--vllm", "--model", "stub",
+            cmd = [PY, "-m", "replay.stub.server", "--port", "0", "--vllm", "--model", "stub",
                    "--ttft-ms", str(ttft_ms), "--itl-ms", str(itl_ms), "--spin-ms", str(spin_ms)]  # fmt: skip
             if shutil.which("taskset"):
                 cmd = ["taskset", "-c", str(core), *cmd]

@@ -24,7 +24,7 @@ import orjson
 import uvloop
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from replay.stub_server import StubProcess  # noqa: E402
+from replay.stub.server import StubProcess  # noqa: E402
 
 _END = b"\r\n0\r\n\r\n"
 

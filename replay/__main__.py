@@ -1,5 +1,5 @@
 import sys
 
-from replay.cli import main
+from replay.cli.main import main
 
 sys.exit(main())

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from replay.arrivals import ArrivalSpec, mean_rate, offsets
+from replay.schedule.arrivals import ArrivalSpec, mean_rate, offsets
 
 
 def take(spec: ArrivalSpec, n: int, seed: int = 1) -> np.ndarray:

@@ -8,21 +8,22 @@ import time
 import orjson
 import pytest
 
-from replay import arrivals, schedule
-from replay import histogram as H
-from replay.capacity import CapacityOptions, CapacitySearch
-from replay.capacity_stats import sample_warnings
-from replay.capacity_watch import StepWatch
-from replay.cli import main
-from replay.config import RunConfig
-from replay.prompts import PromptBuilder
-from replay.recorder import METRICS
-from replay.run import execute
-from replay.slo import parse_slo
-from replay.stub_server import StubProcess
+from replay.capacity.search import CapacityOptions, CapacitySearch
+from replay.capacity.slo import parse_slo
+from replay.capacity.stats import sample_warnings
+from replay.capacity.watch import StepWatch
+from replay.cli.main import main
+from replay.run.config import RunConfig
+from replay.run.runner import execute
+from replay.schedule import arrivals
+from replay.schedule import synthetic as schedule
+from replay.schedule.prompts import PromptBuilder
+from replay.stats import histogram as H
+from replay.stats.recorder import METRICS
+from replay.stub.server import StubProcess
 from replay.targets.fake import FakeTarget
 from replay.targets.registry import load_target
-from replay.trace import TraceRecord, make_header, write_trace
+from replay.trace.model import TraceRecord, make_header, write_trace
 
 
 @pytest.mark.slow

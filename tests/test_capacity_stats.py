@@ -8,8 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from replay import histogram as H
-from replay.capacity_stats import (
+from replay.capacity.stats import (
     knee,
     peak_window_rate,
     replica_estimate,
@@ -18,12 +17,13 @@ from replay.capacity_stats import (
     trace_demand,
     window_hists,
 )
-from replay.capacity_watch import allowed_above
-from replay.errors import ReplayError
-from replay.recorder import METRICS
-from replay.runfiles import IntervalLog
-from replay.trace import TraceRecord, make_header, write_trace
-from replay.trace_stats import trace_stats
+from replay.capacity.watch import allowed_above
+from replay.core.errors import ReplayError
+from replay.run.files import IntervalLog
+from replay.stats import histogram as H
+from replay.stats.recorder import METRICS
+from replay.trace.model import TraceRecord, make_header, write_trace
+from replay.trace.stats import trace_stats
 
 
 def test_knee_of_a_queueing_curve():
@@ -125,7 +125,7 @@ def test_window_hists_drop_the_warmup_intervals(tmp_path):
 @pytest.mark.parametrize("stat", ["p50", "p90", "p99", "p99.9", "max"])
 def test_watch_rank_rule_matches_hdr_percentiles(n, stat):
     """k samples above a bound keep HDR's stat at or below it exactly when k <= allowed_above."""
-    from replay.slo import STATS
+    from replay.capacity.slo import STATS
 
     allowed = allowed_above(stat, n)
     for k in (allowed, allowed + 1):

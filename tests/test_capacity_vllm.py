@@ -10,9 +10,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from replay.capacity import CapacityOptions, CapacitySearch
-from replay.html_report import render
-from replay.slo import parse_slo
+from replay.capacity.search import CapacityOptions, CapacitySearch
+from replay.capacity.slo import parse_slo
+from replay.report.html import render
 from replay.targets.registry import load_target
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from replay import histogram as H
-from replay.stub_server import StubProcess
+from replay.stats import histogram as H
+from replay.stub.server import StubProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from replay.closed_loop import ClosedLoopEngine
-from replay.config import RunConfig
-from replay.engine import EngineOptions
-from replay.record import Request
+from replay.core.request import Request
+from replay.engine.closed_loop import ClosedLoopEngine
+from replay.engine.open_loop import EngineOptions
+from replay.run.config import RunConfig
 from replay.targets.fake import FakeTarget
 
 

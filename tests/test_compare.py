@@ -8,12 +8,12 @@ import shutil
 import orjson
 import pytest
 
-from replay.cli import main
-from replay.compare import compare, parse_thresholds
-from replay.config import RunConfig
-from replay.errors import ReplayError
-from replay.record import Request
-from replay.run import execute
+from replay.cli.main import main
+from replay.core.errors import ReplayError
+from replay.core.request import Request
+from replay.report.compare import compare, parse_thresholds
+from replay.run.config import RunConfig
+from replay.run.runner import execute
 from replay.targets.fake import FakeTarget
 
 

@@ -4,9 +4,9 @@ import time
 import numpy as np
 import pytest
 
-from replay.engine import Engine, EngineOptions
-from replay.record import Request, RequestRecord
-from replay.recorder import Recorder
+from replay.core.request import Request, RequestRecord
+from replay.engine.open_loop import Engine, EngineOptions
+from replay.stats.recorder import Recorder
 from replay.targets.fake import FakeTarget
 
 

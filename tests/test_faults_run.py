@@ -10,7 +10,7 @@ import sys
 import urllib.request
 from pathlib import Path
 
-from replay.stub_server import StubProcess
+from replay.stub.server import StubProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from replay.errors import ReplayError
-from replay.formats import FORMATS, detect_format, load_trace
-from replay.formats_json import estimate_tokens, iter_json_array
-from replay.trace import TraceRecord, make_header, read_trace, write_trace
+from replay.core.errors import ReplayError
+from replay.trace.formats import FORMATS, detect_format, load_trace, read_trace
+from replay.trace.load_json import estimate_tokens, iter_json_array
+from replay.trace.model import TraceRecord, make_header, write_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "traces" / "samples"

@@ -11,13 +11,13 @@ import orjson
 import pytest
 from cdp_browser import inspect_page
 
-from replay.capacity import CapacityOptions, CapacitySearch
-from replay.cli import main
-from replay.config import RunConfig
-from replay.html_report import render
-from replay.record import Request
-from replay.run import execute
-from replay.slo import parse_slo
+from replay.capacity.search import CapacityOptions, CapacitySearch
+from replay.capacity.slo import parse_slo
+from replay.cli.main import main
+from replay.core.request import Request
+from replay.report.html import render
+from replay.run.config import RunConfig
+from replay.run.runner import execute
 from replay.targets.fake import FakeTarget
 
 CAPACITY_FIGURES = (

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from replay import histogram as H
-from replay.merge import (
+from replay.core.request import RequestRecord
+from replay.run.files import IntervalLog, JsonlWriter
+from replay.scaleout.merge import (
     IntervalMerger,
     merge_counts,
     merge_hists,
@@ -17,11 +18,10 @@ from replay.merge import (
     merged_selfcheck,
     worker_entries,
 )
-from replay.record import RequestRecord
-from replay.recorder import METRICS, Counts, Recorder
-from replay.runfiles import IntervalLog, JsonlWriter
-from replay.selfcheck import Bounds
-from replay.shard import IntervalReport, WorkerResult, encode_all
+from replay.scaleout.shard import IntervalReport, WorkerResult, encode_all
+from replay.stats import histogram as H
+from replay.stats.recorder import METRICS, Counts, Recorder
+from replay.stats.selfcheck import Bounds
 
 
 def fake_records(n: int, seed: int = 1) -> list[RequestRecord]:

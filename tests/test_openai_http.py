@@ -17,11 +17,11 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from replay import errors
-from replay.errors import ReplayError
-from replay.record import ERROR, OK, Request, RequestRecord, record_for
-from replay.stub_server import Fault, StubServer, start_stub
-from replay.targets.base import Target
+from replay.core import errors
+from replay.core.errors import ReplayError
+from replay.core.request import ERROR, OK, Request, RequestRecord, record_for
+from replay.core.target import Target
+from replay.stub.server import Fault, StubServer, start_stub
 from replay.targets.openai_http import HTTPTargetConfig, OpenAIHTTPTarget, map_exception
 
 TTFT, ITL, N_OUT = 0.020, 0.005, 32

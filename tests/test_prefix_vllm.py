@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from replay import tiny_model
-from replay.formats import load_trace
-from replay.prompts import DEFAULT_LOW_ID, PromptBuilder
-from replay.record import OK, record_for
-from replay.scrape import MetricsScraper
+from replay.core.request import OK, record_for
+from replay.schedule.from_trace import schedule_from_trace
+from replay.schedule.prompts import DEFAULT_LOW_ID, PromptBuilder
+from replay.stats.scrape import MetricsScraper
+from replay.targets import tiny_model
 from replay.targets.vllm_server import VLLMServerConfig, VLLMServerTarget
-from replay.trace_schedule import schedule_from_trace
+from replay.trace.formats import load_trace
 
 N = 12
 PROMPT = 320

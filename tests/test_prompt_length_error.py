@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from replay.record import Request, record_for
-from replay.recorder import Counts, Recorder
-from replay.report import prompt_length_error
-from replay.stub_server import StubProcess
-from replay.trace import TraceRecord, make_header, write_trace
+from replay.core.request import Request, record_for
+from replay.stats.recorder import Counts, Recorder
+from replay.stats.summary import prompt_length_error
+from replay.stub.server import StubProcess
+from replay.trace.model import TraceRecord, make_header, write_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 

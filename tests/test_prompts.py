@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from replay import prompts as prompts_mod
-from replay.errors import ReplayError
-from replay.formats import load_trace
-from replay.prompts import DEFAULT_HIGH_ID, DEFAULT_LOW_ID, PromptBuilder
-from replay.record import Request
+from replay.core.errors import ReplayError
+from replay.core.request import Request
+from replay.schedule import prompts as prompts_mod
+from replay.schedule.prompts import DEFAULT_HIGH_ID, DEFAULT_LOW_ID, PromptBuilder
+from replay.trace.formats import load_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,10 @@ def test_blocks_depend_on_block_size_and_seed():
 
 def test_blocks_stable_across_processes_and_hash_seeds():
     """Python's hash() is salted per process; blocks must not be."""
-    code = "from replay.prompts import PromptBuilder; print(PromptBuilder(3).block(123456, 8).tolist())"
+    code = (
+        "from replay.schedule.prompts import PromptBuilder; "
+        "print(PromptBuilder(3).block(123456, 8).tolist())"
+    )
     outs = set()
     for salt in ("1", "2"):
         env = {"PYTHONHASHSEED": salt, "PYTHONPATH": str(ROOT)}

@@ -25,9 +25,9 @@ import numpy as np
 import orjson
 import pytest
 
-from replay.config import RunConfig
-from replay.record import Request, RequestRecord
-from replay.shard import SyntheticSchedule
+from replay.core.request import Request, RequestRecord
+from replay.run.config import RunConfig
+from replay.scaleout.shard import SyntheticSchedule
 from replay.targets.fake import FakeTarget
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ class StampTarget(FakeTarget):
 async def test_ray_run_spreads_over_both_nodes_and_merges(ray_cluster: str, tmp_path: Path) -> None:
     import ray.cloudpickle
 
-    from replay.ray_executor import execute_ray
+    from replay.scaleout.ray_executor import execute_ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors cannot import tests/
     stamps = tmp_path / "stamps"
@@ -185,7 +185,7 @@ async def test_ray_run_spreads_over_both_nodes_and_merges(ray_cluster: str, tmp_
 
 
 async def test_sigint_stops_every_actor_with_a_partial_summary(ray_cluster: str, tmp_path: Path) -> None:
-    from replay.ray_executor import execute_ray
+    from replay.scaleout.ray_executor import execute_ray
 
     cfg = RunConfig(target="fake", rate=20.0, duration_s=60.0, output_tokens=5, interval_s=1.0)
     sched = SyntheticSchedule.from_config(cfg)

@@ -19,12 +19,12 @@ import aiohttp
 import numpy as np
 import pytest
 
-from replay.formats import load_trace
-from replay.record_proxy import ProxyConfig, RecordProxy
-from replay.record_tap import ResponseTap
-from replay.record_trace import PrefixHasher, load_encoder
-from replay.stub_server import StubProcess, start_stub
-from replay.trace import TraceRecord, make_header, write_trace
+from replay.capture.proxy import ProxyConfig, RecordProxy
+from replay.capture.tap import ResponseTap
+from replay.capture.to_trace import PrefixHasher, load_encoder
+from replay.stub.server import StubProcess, start_stub
+from replay.trace.formats import load_trace
+from replay.trace.model import TraceRecord, make_header, write_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -216,7 +216,7 @@ async def test_records_are_written_in_arrival_order_and_stop_leaves_a_valid_trac
 
 
 async def test_tokenizer_gives_text_prompts_prefix_hashes(tmp_path):
-    from replay import tiny_model
+    from replay.targets import tiny_model
 
     model = tiny_model.build()
     async with start_stub(ttft_s=0.001, itl_s=0.001) as stub:
@@ -251,7 +251,7 @@ async def test_tokenizer_gives_text_prompts_prefix_hashes(tmp_path):
 
 
 def test_unreachable_upstream_is_one_line(tmp_path):
-    from replay.server_process import free_port
+    from replay.targets.server_process import free_port
 
     port = free_port()
     r = replay("record", "--upstream", f"http://127.0.0.1:{port}", "--listen", "127.0.0.1:0",
@@ -406,8 +406,8 @@ def test_replay_run_through_the_proxy_is_captured_and_timing_unchanged(stub_proc
 
 
 def _vllm(port: int, log: Path):
-    from replay import tiny_model
-    from replay.server_process import ServerProcess
+    from replay.targets import tiny_model
+    from replay.targets.server_process import ServerProcess
     from replay.targets.vllm_server import VLLMServerConfig, build_command, server_env
 
     cfg = VLLMServerConfig(model=str(tiny_model.build()), served_model_name="tiny", dtype="float32",
@@ -426,7 +426,7 @@ def _vllm(port: int, log: Path):
 
 @pytest.mark.vllm
 async def test_record_then_replay_round_trip_against_vllm(tmp_path):
-    from replay.server_process import free_port
+    from replay.targets.server_process import free_port
 
     port = free_port()
     server = _vllm(port, tmp_path / "vllm.log")

@@ -1,9 +1,9 @@
 import numpy as np
 
-from replay import histogram as H
-from replay.record import RequestRecord
-from replay.recorder import Recorder
-from replay.report import build_summary, console_table
+from replay.core.request import RequestRecord
+from replay.stats import histogram as H
+from replay.stats.recorder import Recorder
+from replay.stats.summary import build_summary, console_table
 
 
 def ok_record(

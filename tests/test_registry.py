@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from replay import tiny_model
-from replay.errors import ReplayError
+from replay.core.errors import ReplayError
+from replay.targets import tiny_model
 from replay.targets.openai_http import OpenAIHTTPTarget
 from replay.targets.registry import known_names, load_target
 from replay.targets.vllm_server import VLLMServerTarget

@@ -9,10 +9,10 @@ from pathlib import Path
 import orjson
 import pytest
 
-from replay.cli import main
-from replay.errors import ReplayError
-from replay.scaleout import worker_factory
-from replay.stub_server import StubProcess
+from replay.cli.main import main
+from replay.core.errors import ReplayError
+from replay.scaleout.launch import worker_factory
+from replay.stub.server import StubProcess
 from replay.targets.fake import FakeTarget
 from replay.targets.registry import load_target
 
@@ -57,8 +57,8 @@ def test_worker_factory_pins_what_the_parent_found(tmp_path: Path) -> None:
 
 
 def test_in_process_transformers_target_gets_one_worker() -> None:
+    from replay.scaleout.workers import resolve_workers
     from replay.targets import transformers_local as tl
-    from replay.workers import resolve_workers
 
     local = object.__new__(tl.TransformersLocalTarget)  # the real class; no model needed to ask this
     assert resolve_workers(None, local, 1e6, 1000) == 1

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from replay.scrape import MetricsScraper, parse
+from replay.stats.scrape import MetricsScraper, parse
 
 SAMPLE = Path(__file__).parent / "data" / "vllm_cpu_0.32_metrics.txt"
 

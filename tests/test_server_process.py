@@ -19,8 +19,8 @@ import aiohttp
 import psutil
 import pytest
 
-from replay.errors import ReplayError
-from replay.server_process import ORPHAN_GRACE_S, ServerProcess, free_port, port_in_use
+from replay.core.errors import ReplayError
+from replay.targets.server_process import ORPHAN_GRACE_S, ServerProcess, free_port, port_in_use
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -204,7 +204,7 @@ PARENT = textwrap.dedent(
     """
     import asyncio, sys, time
     from pathlib import Path
-    from replay.server_process import ServerProcess
+    from replay.targets.server_process import ServerProcess
     async def main():
         cmd = lambda port: [sys.executable, sys.argv[1], str(port)]
         sp = ServerProcess(cmd, Path(sys.argv[2]), startup_timeout_s=20)
@@ -261,7 +261,7 @@ STARTING = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from replay.server_process import ServerProcess
+    from replay.targets.server_process import ServerProcess
     async def main():
         cmd = [sys.executable, "-c", "import time; time.sleep(120)"]
         sp = ServerProcess(cmd, Path(sys.argv[1]), startup_timeout_s=100, grace_s=2)

@@ -7,11 +7,12 @@ import functools
 import numpy as np
 import pytest
 
-from replay import arrivals, schedule
-from replay.config import RunConfig
-from replay.prompts import DEFAULT_HIGH_ID, PromptBuilder
-from replay.record import Request
-from replay.shard import FilteredSchedule, SyntheticSchedule, split_cap
+from replay.core.request import Request
+from replay.run.config import RunConfig
+from replay.scaleout.shard import FilteredSchedule, SyntheticSchedule, split_cap
+from replay.schedule import arrivals
+from replay.schedule import synthetic as schedule
+from replay.schedule.prompts import DEFAULT_HIGH_ID, PromptBuilder
 
 CONFIGS = [
     RunConfig(target="x", rate=300.0, duration_s=20.0, seed=3),
@@ -22,7 +23,7 @@ CONFIGS = [
 
 
 def one_process(cfg: RunConfig, vocab: int) -> list[Request]:
-    """The schedule exactly as replay.cli builds it for one process."""
+    """The schedule exactly as replay.cli.main builds it for one process."""
     return list(
         schedule.synthetic(
             arrivals.offsets(cfg.arrival_spec(), cfg.seed),

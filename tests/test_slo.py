@@ -5,11 +5,11 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from replay import histogram as H
-from replay.errors import ReplayError
-from replay.record import RequestRecord
-from replay.recorder import METRICS
-from replay.slo import goodput, parse_slo, read_requests
+from replay.capacity.slo import goodput, parse_slo, read_requests
+from replay.core.errors import ReplayError
+from replay.core.request import RequestRecord
+from replay.stats import histogram as H
+from replay.stats.recorder import METRICS
 
 
 @pytest.mark.parametrize(

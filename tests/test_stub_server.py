@@ -12,9 +12,9 @@ import aiohttp
 import orjson
 import pytest
 
-from replay.errors import ReplayError
-from replay.stub_server import Fault, StubProcess, start_stub
-from replay.stub_truth import parse_fault_rule
+from replay.core.errors import ReplayError
+from replay.stub.server import Fault, StubProcess, start_stub
+from replay.stub.truth import parse_fault_rule
 from replay.targets.sse import SSEDecoder
 
 
@@ -195,7 +195,7 @@ def test_cli_process_serves_and_stops() -> None:
         assert truth["served"] == 1 and truth["tokens"] == 4
         proc = p.proc
     assert proc is not None and proc.returncode == 0
-    bad = subprocess.run([sys.executable, "-m", "replay.stub_server", "--fault", "boom:0.1"],
+    bad = subprocess.run([sys.executable, "-m", "replay.stub.server", "--fault", "boom:0.1"],
                          capture_output=True, text=True, timeout=30)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.startswith("error: fault: bad spec")
     assert "Traceback" not in bad.stderr

@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from replay.telemetry import ProcessTreeSampler, summarize_series
+from replay.stats.telemetry import ProcessTreeSampler, summarize_series
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from replay import tiny_model
-from replay.errors import ReplayError
+from replay.core.errors import ReplayError
+from replay.targets import tiny_model
 
 
 def _digest(d: Path) -> dict[str, str]:

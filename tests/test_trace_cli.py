@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from replay.formats import load_trace
-from replay.trace_cli import add_trace_subparser, main
-from replay.trace_schedule import trace_timing
+from replay.cli.trace import add_trace_subparser, main
+from replay.schedule.from_trace import trace_timing
+from replay.trace.formats import load_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "traces" / "samples"

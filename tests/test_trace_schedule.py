@@ -9,14 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from replay.engine import Engine
-from replay.errors import ReplayError
-from replay.formats import load_trace
-from replay.prompts import PromptBuilder
-from replay.run import run_in_uvloop
+from replay.core.errors import ReplayError
+from replay.engine.open_loop import Engine
+from replay.run.runner import run_in_uvloop
+from replay.schedule.from_trace import parse_window, schedule_from_trace, trace_timing
+from replay.schedule.prompts import PromptBuilder
 from replay.targets.fake import FakeTarget
-from replay.trace import HASH_ID_LIMIT, TraceRecord
-from replay.trace_schedule import parse_window, schedule_from_trace, trace_timing
+from replay.trace.formats import load_trace
+from replay.trace.model import HASH_ID_LIMIT, TraceRecord
 
 SAMPLES = Path(__file__).resolve().parents[1] / "traces" / "samples"
 TIMES = [0.0, 1.0, 3.0, 6.0]  # N = 4, span 6, D = 6 * 4/3 = 8, mean rate 0.5/s

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from replay import errors, tiny_model
-from replay.errors import ReplayError
-from replay.record import ERROR, OK, Request, RequestRecord, record_for
-from replay.targets.base import Target
+from replay.core import errors
+from replay.core.errors import ReplayError
+from replay.core.request import ERROR, OK, Request, RequestRecord, record_for
+from replay.core.target import Target
+from replay.targets import tiny_model
 from replay.targets.transformers_local import TransformersLocalTarget, TransformersTargetConfig
 
 pytestmark = pytest.mark.timeout(300)

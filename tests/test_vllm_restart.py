@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from replay import tiny_model
-from replay.server_process import ServerProcess, free_port
+from replay.targets import tiny_model
+from replay.targets.server_process import ServerProcess, free_port
 from replay.targets.vllm_server import VLLMServerConfig, build_command, server_env
 
 ROOT = Path(__file__).resolve().parents[1]

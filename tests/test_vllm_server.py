@@ -21,10 +21,12 @@ import psutil
 import pytest
 import pytest_asyncio
 
-from replay import errors, tiny_model
-from replay.errors import ReplayError
-from replay.record import ERROR, OK, Request, RequestRecord, record_for
-from replay.scrape import MetricsScraper
+from replay.core import errors
+from replay.core.errors import ReplayError
+from replay.core.request import ERROR, OK, Request, RequestRecord, record_for
+from replay.stats.scrape import MetricsScraper
+from replay.stats.telemetry import ProcessTreeSampler
+from replay.targets import tiny_model
 from replay.targets import vllm_server as vs
 from replay.targets.vllm_server import (
     VLLMServerConfig,
@@ -33,7 +35,6 @@ from replay.targets.vllm_server import (
     redact_argv,
     server_env,
 )
-from replay.telemetry import ProcessTreeSampler
 
 MAX_SEQS = 4
 module_loop = pytest.mark.asyncio(loop_scope="module")

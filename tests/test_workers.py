@@ -16,13 +16,12 @@ import numpy as np
 import orjson
 import pytest
 
-from replay.config import RunConfig
-from replay.errors import ReplayError
-from replay.record import Request, RequestRecord
-from replay.run import execute
-from replay.shard import SyntheticSchedule
-from replay.targets.fake import FakeTarget
-from replay.workers import (
+from replay.core.errors import ReplayError
+from replay.core.request import Request, RequestRecord
+from replay.run.config import RunConfig
+from replay.run.runner import execute
+from replay.scaleout.shard import SyntheticSchedule
+from replay.scaleout.workers import (
     CPU_PER_REQUEST_S,
     CPU_PER_TOKEN_S,
     WORKER_BUSY,
@@ -30,6 +29,7 @@ from replay.workers import (
     execute_workers,
     resolve_workers,
 )
+from replay.targets.fake import FakeTarget
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -153,11 +153,11 @@ def test_sigint_to_parent_stops_every_worker_with_a_partial_summary(tmp_path: Pa
         f"""
         import functools, sys
         from pathlib import Path
-        from replay.config import RunConfig
-        from replay.run import run_in_uvloop
-        from replay.shard import SyntheticSchedule
+        from replay.run.config import RunConfig
+        from replay.run.runner import run_in_uvloop
+        from replay.scaleout.shard import SyntheticSchedule
         from replay.targets.fake import FakeTarget
-        from replay.workers import execute_workers
+        from replay.scaleout.workers import execute_workers
         cfg = RunConfig(target="fake", rate=40.0, duration_s=60.0, output_tokens=8, interval_s=1.0)
         res = run_in_uvloop(execute_workers(cfg, functools.partial(FakeTarget, ttft_s=0.02, itl_s=0.01),
                             SyntheticSchedule.from_config(cfg), Path({str(run_dir)!r}), 40.0, workers=2))

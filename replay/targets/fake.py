@@ -12,7 +12,7 @@ import asyncio
 import time
 from typing import Any
 
-from replay.record import Request, RequestRecord
+from replay.core.request import Request, RequestRecord
 
 
 class FakeTarget:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from replay.errors import ReplayError
+from replay.core.errors import ReplayError
 
 ENDPOINTS = ("completions", "chat")
 

@@ -25,9 +25,9 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
-from replay import errors
-from replay.errors import ReplayError
-from replay.record import ERROR, OK, Request, RequestRecord
+from replay.core import errors
+from replay.core.errors import ReplayError
+from replay.core.request import ERROR, OK, Request, RequestRecord
 from replay.targets.http_config import ENDPOINTS, HTTPTargetConfig
 from replay.targets.sse import SSEDecoder
 

@@ -7,7 +7,7 @@ and key, never a silent default.
 
 Search order for a name: a path to a .toml file, then ./targets/<name>.toml, then the targets/
 folder of the replay checkout. `model = "builtin:tiny-llama"` means the embedded tiny model,
-built on first use (replay.tiny_model).
+built on first use (replay.targets.tiny_model).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from replay.errors import ReplayError
-from replay.targets.base import Target
+from replay.core.errors import ReplayError
+from replay.core.target import Target
 
 REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 BUILTIN_TINY = "builtin:tiny-llama"
@@ -126,7 +126,7 @@ def build_config(cls: type, values: Mapping[str, Any], path: Path, text: str) ->
 
 def _resolve_model(value: str) -> str:
     if value == BUILTIN_TINY:
-        from replay import tiny_model
+        from replay.targets import tiny_model
 
         return str(tiny_model.build())
     return value

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from replay import errors
-from replay.errors import ReplayError
-from replay.record import ERROR, OK, Request, RequestRecord
+from replay.core import errors
+from replay.core.errors import ReplayError
+from replay.core.request import ERROR, OK, Request, RequestRecord
 
 # CPU defaults: transformers sizes the KV cache from "free accelerator memory", which on a CPU
 # means most of system RAM; a fixed budget (like vLLM-CPU's VLLM_CPU_KVCACHE_SPACE) is saner.

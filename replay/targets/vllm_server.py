@@ -18,9 +18,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from replay.errors import ReplayError
-from replay.record import Request, RequestRecord
-from replay.server_process import LOOPBACK, ServerProcess, free_port
+from replay.core.errors import ReplayError
+from replay.core.request import Request, RequestRecord
+from replay.targets.server_process import LOOPBACK, ServerProcess, free_port
 
 LAUNCHERS = ("auto", "cli", "module")
 _SECRET_FLAG = re.compile(r"key|token|secret|password", re.IGNORECASE)

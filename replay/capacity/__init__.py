@@ -1,0 +1,1 @@
+"""Capacity: SLOs, the capacity search, its statistics and watch."""

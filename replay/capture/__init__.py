@@ -1,0 +1,1 @@
+"""Capture (`replay record`): a proxy that writes live traffic as a trace."""

@@ -1,0 +1,153 @@
+"""Subcommands `capacity`, `report` and `compare`: arguments in, one-line errors out, no logic here."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from replay.core.errors import ReplayError
+from replay.run.config import duration_arg
+
+
+def _fraction(text: str) -> float:
+    s = text.strip()
+    try:
+        return float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction or a percentage, got {text!r}") from None
+
+
+def add_capacity_subparsers(subparsers: Any) -> None:
+    """Add `capacity`, `report` and `compare` to a `parser.add_subparsers()` object (each sets `func`)."""
+    p = subparsers.add_parser("capacity", help="find the highest request rate that meets an SLO")
+    p.add_argument("--target", required=True, help="named target (targets/NAME.toml) or an OpenAI URL")
+    p.add_argument("--slo", required=True, help="e.g. 'ttft_p99<=500ms,itl_p99<=50ms,error_rate<=1%%'")
+    p.add_argument("--input-tokens", type=int, default=64)
+    p.add_argument("--output-tokens", type=int, default=64)
+    p.add_argument("--arrival", default="poisson", choices=("poisson", "gamma", "constant"))
+    p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape (<1 burstier)")
+    p.add_argument("--step", type=duration_arg, default=60.0, help="one open-loop step, warm-up included")
+    p.add_argument("--warmup", type=duration_arg, default=10.0, help="left out of each step's verdict")
+    p.add_argument("--probe-duration", type=duration_arg, default=10.0, help="one closed-loop probe level")
+    p.add_argument("--probe-max-concurrency", type=int, default=256)
+    p.add_argument("--tolerance", type=_fraction, default=0.05, help="stop when the bracket is this narrow")
+    p.add_argument("--max-steps", type=int, default=12, help="open-loop steps, confirmations included")
+    p.add_argument("--budget", type=duration_arg, default=3600.0, help="wall-clock limit for the search")
+    p.add_argument("--repeats", type=int, default=2, help="extra runs at the decisive rates")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace", default=None, help="trace whose peak the replica estimate sizes for")
+    p.add_argument("--peak-window", type=duration_arg, default=60.0, help="window for the trace's peak rate")
+    p.add_argument("--peak-quantile", type=float, default=99.0, help="percentile of windows taken as peak")
+    p.add_argument("--headroom", type=_fraction, default=0.2, help="spare capacity over the peak (20%%)")
+    p.add_argument("--endpoint", default="completions", choices=("completions", "chat"))
+    p.add_argument("--model", default=None)
+    p.add_argument(
+        "--out", type=Path, default=None, help="output directory (default runs/<stamp>-capacity-…)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no per-step progress lines")
+    p.set_defaults(func=cmd_capacity)
+
+    r = subparsers.add_parser("report", help="re-render report.html and report.md from a run directory")
+    r.add_argument("run_dir", type=Path)
+    r.set_defaults(func=cmd_report)
+
+    c = subparsers.add_parser("compare", help="two runs side by side; exit 1 on regression")
+    c.add_argument("a", type=Path, help="baseline run directory")
+    c.add_argument("b", type=Path, help="candidate run directory")
+    c.add_argument("--threshold", default=None, help="e.g. ttft_p99=10%%,itl_p99=5ms,req_s=10%%")
+    c.set_defaults(func=cmd_compare)
+
+
+def _options(ns: argparse.Namespace) -> Any:
+    from replay.capacity.search import CapacityOptions
+    from replay.capacity.slo import parse_slo
+
+    slo = parse_slo(ns.slo)
+    problems = []
+    if ns.warmup >= ns.step:
+        problems.append(f"--warmup ({ns.warmup:g}s) must be shorter than --step ({ns.step:g}s)")
+    for name, v in (("input-tokens", ns.input_tokens), ("output-tokens", ns.output_tokens)):
+        if v < 1:
+            problems.append(f"--{name}: must be >= 1, got {v}")
+    for name, v in (("max-steps", ns.max_steps), ("probe-max-concurrency", ns.probe_max_concurrency)):
+        if v < 1:
+            problems.append(f"--{name}: must be >= 1, got {v}")
+    if ns.repeats < 0:
+        problems.append(f"--repeats: must be >= 0, got {ns.repeats}")
+    if not 0 < ns.tolerance < 1:
+        problems.append(f"--tolerance: must lie between 0 and 100%, got {ns.tolerance}")
+    if ns.headroom < 0:
+        problems.append(f"--headroom: must be >= 0, got {ns.headroom}")
+    if not 0 < ns.peak_quantile <= 100:
+        problems.append(f"--peak-quantile: must be in (0, 100], got {ns.peak_quantile}")
+    if problems:
+        raise ReplayError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    return CapacityOptions(
+        slo=slo,
+        target_name=ns.target,
+        input_tokens=ns.input_tokens,
+        output_tokens=ns.output_tokens,
+        arrival=ns.arrival,
+        burstiness=ns.burstiness,
+        step_s=ns.step,
+        warmup_s=ns.warmup,
+        probe_s=ns.probe_duration,
+        probe_max_concurrency=ns.probe_max_concurrency,
+        tolerance=ns.tolerance,
+        max_steps=ns.max_steps,
+        max_time_s=ns.budget,
+        repeats=ns.repeats,
+        seed=ns.seed,
+        headroom=ns.headroom,
+        endpoint=ns.endpoint,
+        model=ns.model,
+    )
+
+
+def cmd_capacity(ns: argparse.Namespace) -> int:
+    from replay.capacity.search import CapacitySearch
+    from replay.capacity.stats import trace_demand
+    from replay.report.html import render
+    from replay.run.runner import run_in_uvloop
+    from replay.targets.registry import load_target
+
+    opts = _options(ns)  # bad input fails before anything starts
+    demand = trace_demand(ns.trace, ns.peak_window, ns.peak_quantile) if ns.trace else None
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", ns.target.split("://")[-1]).strip("_") or "target"
+    out = ns.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-capacity-{name}"
+    target = load_target(ns.target, out, {"endpoint": ns.endpoint, "model": ns.model})
+    log = None if ns.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    doc = run_in_uvloop(CapacitySearch(target, opts, out, log=log, demand=demand).run())
+    paths = render(out)
+    r = doc["result"]
+    print(f"max rate meeting {opts.slo.text}: {r['max_slo_rate_req_s']:g} req/s", end="")
+    if r.get("first_fail_rate_req_s"):
+        print(f" (first fail {r['first_fail_rate_req_s']:g} req/s; {r['stop_reason']})")
+    else:
+        print(f" ({r['stop_reason']})")
+    if doc.get("replicas") and doc["replicas"].get("replicas") is not None:
+        print(f"replicas for the trace's peak: {doc['replicas']['replicas']}")
+    print(f"reports: {out / 'capacity.json'}, {paths[0]}, {paths[1]}")
+    return 0 if r["max_slo_rate_req_s"] else 1
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from replay.report.html import render
+
+    if not ns.run_dir.is_dir():
+        raise ReplayError(f"{ns.run_dir}: not a directory")
+    for p in render(ns.run_dir):
+        print(p)
+    return 0
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from replay.report.compare import compare, format_rows
+
+    rows = compare(ns.a, ns.b, ns.threshold)
+    print(format_rows(rows, ns.a, ns.b))
+    return 1 if any(r.regressed for r in rows) else 0

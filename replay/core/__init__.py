@@ -1,0 +1,1 @@
+"""The data model (Request in, RequestRecord out), errors, and the Target protocol."""

@@ -1,0 +1,30 @@
+"""The one interface the engine sees. A target knows how to send; it knows nothing of
+statistics, schedules or other targets.
+
+Lifecycle: `await start()` once (load a model, launch or attach to a server, warm up),
+`await send(request, record)` many times concurrently, `await close()` once, also after
+failures. `send` fills the record's timing and token fields with `time.perf_counter()`
+stamps and sets `status`/`error`; it must not raise for request-level failures (map them
+to an error kind from `replay.core.errors`), only `ReplayError` for a target that cannot work at all.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from replay.core.request import Request, RequestRecord
+
+
+@runtime_checkable
+class Target(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def send(self, request: Request, record: RequestRecord) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def describe(self) -> dict[str, Any]:
+        """Config and versions for summary.json (no secrets)."""
+        ...

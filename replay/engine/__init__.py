@@ -1,0 +1,1 @@
+"""The engine: sends a schedule's Requests to a Target, open loop or closed loop."""

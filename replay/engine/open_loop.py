@@ -1,0 +1,176 @@
+"""Open-loop dispatch: each request goes at `t0 + intended_s` on one monotonic clock.
+
+The engine sees only the `Target` interface and a sink for finished records. It never shifts a
+request in time silently: a late timer shows as dispatch lag, a concurrency-cap wait shows as
+send lag (and in every "intended"-based latency), a request the run never reached is recorded
+`not_sent` with its reason. Every scheduled request reaches the sink exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from replay.core import errors
+from replay.core.request import ERROR, NOT_SENT, OK, Request, RequestRecord, record_for
+from replay.core.target import Target
+
+Sink = Callable[[RequestRecord], None]
+EARLY_S = 0.0002
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    concurrency_cap: int | None = None  # at most this many in flight; the rest wait (counted)
+    drain_timeout_s: float = 60.0  # after the last dispatch, how long in-flight requests may finish
+    worker: int = 0
+    # Outstanding requests (in flight or waiting for the cap) beyond which new ones are not sent
+    # but counted `not_sent: max_in_flight`: an overloaded server must not exhaust the client's
+    # sockets and memory (each request holds a connection). None: unbounded.
+    max_in_flight: int | None = None
+
+
+@dataclass(slots=True)
+class EngineState:
+    """Live counters for progress displays and time series (read-only for others)."""
+
+    dispatched: int = 0
+    finished: int = 0
+    in_flight: int = 0
+    waiting_for_cap: int = 0
+    ok: int = 0
+    errors: int = 0
+    not_sent: int = 0
+
+
+class Engine:
+    def __init__(self, target: Target, sink: Sink, options: EngineOptions | None = None) -> None:
+        self.target = target
+        self.sink = sink
+        self.options = options or EngineOptions()
+        self.state = EngineState()
+        self._sem = asyncio.Semaphore(self.options.concurrency_cap) if self.options.concurrency_cap else None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._t0 = 0.0
+
+    def stop(self) -> None:
+        """Stop dispatching now; requests not yet sent are recorded `not_sent: stopped`."""
+        self._stopping = True
+        if self._dispatcher is not None and not self._dispatcher.done():
+            self._dispatcher.cancel()
+
+    async def run(self, schedule: Iterable[Request], t0: float) -> None:
+        """Dispatch the whole schedule against `t0` (a `time.perf_counter()` value), then drain."""
+        self._t0 = t0
+        it = iter(schedule)
+        self._dispatcher = asyncio.ensure_future(self._dispatch(it))
+        try:
+            await self._dispatcher
+        except asyncio.CancelledError:
+            if not self._stopping:  # cancelled from outside, not by stop(): propagate
+                raise
+        # Whatever the dispatcher did not reach is counted, never dropped.
+        for req in it:
+            self._not_sent(req, errors.NOT_SENT_STOPPED)
+        await self._drain()
+
+    async def _dispatch(self, it: Iterable[Request]) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = self._t0
+        pending: Request | None = None
+        try:
+            for req in it:
+                pending = req
+                due = t0 + req.intended_s
+                # One absolute deadline per request, never a chain of relative sleeps. Loop timers
+                # have ~1 ms granularity and can fire up to 1 ms early: sleep again while more than
+                # EARLY_S remains, so a send is never early by more than that (nor spins for long).
+                while (delay := due - time.perf_counter()) > EARLY_S:
+                    await asyncio.sleep(delay)
+                if self._stopping:
+                    break
+                limit = self.options.max_in_flight
+                if limit is not None and len(self._tasks) >= limit:
+                    pending = None
+                    self._not_sent(req, errors.NOT_SENT_OVERLOAD)
+                    continue
+                rec = record_for(req)
+                rec.worker = self.options.worker
+                rec.dispatch_s = time.perf_counter()
+                pending = None
+                task = loop.create_task(self._one(req, rec))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                self.state.dispatched += 1
+        finally:
+            if pending is not None:
+                self._not_sent(pending, errors.NOT_SENT_STOPPED)
+
+    async def _one(self, req: Request, rec: RequestRecord) -> None:
+        st = self.state
+        try:
+            if self._sem is not None:
+                st.waiting_for_cap += 1
+                try:
+                    await self._sem.acquire()
+                finally:
+                    st.waiting_for_cap -= 1
+            st.in_flight += 1
+            try:
+                rec.sent_s = time.perf_counter()
+                rec.status = OK
+                await self.target.send(req, rec)
+            finally:
+                st.in_flight -= 1
+                if self._sem is not None:
+                    self._sem.release()
+        except asyncio.CancelledError:
+            _fail(rec, errors.CANCELLED, "cancelled by the client (drain timeout or second signal)")
+        except Exception as exc:  # a target bug must not lose the record
+            _fail(rec, errors.TARGET_ERROR, f"{type(exc).__name__}: {exc}")
+        self._finish(rec)
+
+    def _finish(self, rec: RequestRecord) -> None:
+        if rec.end_s is None and rec.status != NOT_SENT and rec.sent_s is not None:
+            rec.end_s = time.perf_counter()
+        rec.finish_tokens()
+        rec.rebase(self._t0)
+        st = self.state
+        st.finished += 1
+        if rec.status == OK:
+            st.ok += 1
+        elif rec.status == ERROR:
+            st.errors += 1
+        self.sink(rec)
+
+    def _not_sent(self, req: Request, reason: str) -> None:
+        rec = record_for(req)
+        rec.worker = self.options.worker
+        rec.status = NOT_SENT
+        rec.error = reason
+        self.state.not_sent += 1
+        self.sink(rec)
+
+    async def _drain(self) -> None:
+        if not self._tasks:
+            return
+        _, still = await asyncio.wait(set(self._tasks), timeout=self.options.drain_timeout_s)
+        for task in still:
+            task.cancel()
+        if still:
+            await asyncio.wait(still)
+
+    def cancel_in_flight(self) -> None:
+        """Second signal: end every in-flight request now (each is recorded client_cancelled)."""
+        for task in list(self._tasks):
+            task.cancel()
+
+
+def _fail(rec: RequestRecord, kind: str, detail: str) -> None:
+    rec.status = ERROR
+    rec.error = kind
+    rec.error_detail = detail[:200]

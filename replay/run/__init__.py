@@ -1,0 +1,1 @@
+"""One run: its config, plan, lifecycle, run directory files and side samplers."""

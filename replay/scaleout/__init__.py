@@ -1,0 +1,1 @@
+"""Scale-out: worker processes, Ray, sharding a schedule, merging their run directories."""

@@ -1,0 +1,1 @@
+"""Schedules: arrival models, prompt shapes, and Requests built from arrivals or traces."""

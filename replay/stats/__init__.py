@@ -1,0 +1,1 @@
+"""Statistics: histograms, the recorder, summaries, self-check, drift, server telemetry."""

@@ -1,0 +1,146 @@
+"""Aggregates finished records into HDR histograms and counts. `add()` / `roll()` / `close()`; never prints.
+
+Latencies go into the current interval's histograms; `roll()` closes an interval and adds it to
+the run total, so the whole-run histograms are exactly the sum of the intervals (and of workers,
+since every histogram shares one configuration).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from hdrh.histogram import HdrHistogram
+
+from replay.core.request import ERROR, NOT_SENT, OK, RequestRecord
+from replay.stats import histogram as H
+
+# Latency metrics (seconds in, microseconds in the histogram).
+LATENCY_METRICS = (
+    "ttft",
+    "itl",
+    "tpot",
+    "e2e",
+    "ttft_intended",
+    "e2e_intended",
+    "send_lag",
+    "dispatch_lag",
+)
+# Rate metrics are stored in milli-units so the same integer histogram serves them.
+RATE_METRICS = ("output_tps",)
+METRICS = LATENCY_METRICS + RATE_METRICS
+
+
+def _new_set() -> dict[str, HdrHistogram]:
+    return {m: H.new() for m in METRICS}
+
+
+@dataclass
+class Counts:
+    scheduled: int = 0
+    ok: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+    not_sent: Counter[str] = field(default_factory=Counter)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    last_end_s: float = 0.0
+    last_intended_s: float = 0.0
+    # Prompt length the server reported minus the one requested, over ok requests that report it.
+    prompt_len_compared: int = 0
+    prompt_len_diffs: Counter[int] = field(default_factory=Counter)  # nonzero differences only
+
+    def merge(self, other: Counts) -> None:
+        self.scheduled += other.scheduled
+        self.ok += other.ok
+        self.errors.update(other.errors)
+        self.not_sent.update(other.not_sent)
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.last_end_s = max(self.last_end_s, other.last_end_s)
+        self.last_intended_s = max(self.last_intended_s, other.last_intended_s)
+        self.prompt_len_compared += other.prompt_len_compared
+        self.prompt_len_diffs.update(other.prompt_len_diffs)
+
+    def accounted(self) -> bool:
+        """The invariant: scheduled = ok + errors (by kind) + not sent (by reason)."""
+        return self.scheduled == self.ok + sum(self.errors.values()) + sum(self.not_sent.values())
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.total = _new_set()
+        self.interval = _new_set()
+        self._spare = _new_set()  # the set roll() returned last; the next interval reuses it
+        self.counts = Counts()
+        self.interval_counts = Counts()
+        self.error_examples: dict[str, list[str]] = {}
+
+    def add(self, rec: RequestRecord) -> None:
+        for c in (self.counts, self.interval_counts):
+            c.scheduled += 1
+            c.last_intended_s = max(c.last_intended_s, rec.intended_s)
+            if rec.end_s is not None:
+                c.last_end_s = max(c.last_end_s, rec.end_s)
+            if rec.status == OK:
+                c.ok += 1
+                c.input_tokens += rec.input_tokens
+                c.output_tokens += rec.output_tokens
+                diff = rec.prompt_length_error()
+                if diff is not None:
+                    c.prompt_len_compared += 1
+                    if diff:
+                        c.prompt_len_diffs[diff] += 1
+            elif rec.status == ERROR:
+                c.errors[rec.error or "unknown"] += 1
+            elif rec.status == NOT_SENT:
+                c.not_sent[rec.error or "unknown"] += 1
+        if rec.status == ERROR:
+            self._example(rec)
+        lag = rec.dispatch_lag()
+        h = self.interval
+        if lag is not None:
+            H.record_seconds(h["dispatch_lag"], lag)
+        if rec.status != OK:
+            return
+        for name, value in (
+            ("ttft", rec.ttft()),
+            ("tpot", rec.tpot()),
+            ("e2e", rec.e2e()),
+            ("ttft_intended", rec.ttft_intended()),
+            ("e2e_intended", rec.e2e_intended()),
+            ("send_lag", rec.send_lag()),
+        ):
+            if value is not None:
+                H.record_seconds(h[name], value)
+        itl = h["itl"]
+        for gap in rec.itls():
+            H.record_seconds(itl, gap)
+        e2e = rec.e2e()
+        if e2e and rec.first_token_s is not None and rec.output_tokens > 1:
+            # Decode rate after the first token: what a reader of the stream experiences.
+            decode_s = (rec.end_s or 0.0) - rec.first_token_s
+            if decode_s > 0:
+                h["output_tps"].record_value(int((rec.output_tokens - 1) / decode_s * 1000))
+
+    def _example(self, rec: RequestRecord) -> None:
+        ex = self.error_examples.setdefault(rec.error or "unknown", [])
+        if len(ex) < 5 and rec.error_detail and rec.error_detail not in ex:
+            ex.append(rec.error_detail)
+
+    def roll(self) -> tuple[dict[str, HdrHistogram], Counts]:
+        """Close the current interval: returns its histograms and counts, and adds them to the total.
+
+        The returned histograms are valid until the next `roll()`, which empties and reuses them:
+        two sets alternate for the whole run, so memory does not depend on its length."""
+        done, counts = self.interval, self.interval_counts
+        for m in METRICS:
+            self.total[m].add(done[m])
+        spare = self._spare
+        for h in spare.values():
+            H.reset(h)
+        self.interval, self._spare, self.interval_counts = spare, done, Counts()
+        return done, counts
+
+    def close(self) -> dict[str, HdrHistogram]:
+        self.roll()
+        return self.total

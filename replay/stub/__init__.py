@@ -1,0 +1,1 @@
+"""The stub OpenAI server with a known schedule (for tests and benchmarks)."""

@@ -1,0 +1,1 @@
+"""Traces: the internal TraceRecord, our JSONL, and loaders for public trace formats."""
