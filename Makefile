@@ -19,7 +19,7 @@ ARGS ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install model browser stress soak capacity test bench lint clean
+.PHONY: install model browser stress soak capacity layout test bench lint clean
 
 install: $(VENV)/.installed
 
@@ -68,8 +68,16 @@ SLO ?= ttft_p99<=500ms,itl_p99<=50ms
 capacity: install model
 	$(REPLAY) capacity --target $(TARGET) --slo "$(SLO)" $(if $(TRACE),--trace $(TRACE)) $(ARGS)
 
+# The parts' boundaries (ARCHITECTURE.md, [tool.importlinter] in pyproject.toml) and module size.
+MAX_MODULE_LINES ?= 400
+layout:
+	$(VENV)/bin/lint-imports
+	@find replay -name '*.py' -exec wc -l {} + | awk '$$2 != "total" && $$1 > $(MAX_MODULE_LINES) \
+		{ print $$2 ": " $$1 " lines (over $(MAX_MODULE_LINES))"; bad = 1 } END { exit bad }'
+
 test: install model browser
 	$(PY) -m ruff check replay tests
+	$(MAKE) --no-print-directory layout
 	$(PY) -m pytest -q -p no:cacheprovider $(ARGS)
 
 # Figures, not tests: each script writes bench/results*.md (+ .json). Best on a quiet machine.
@@ -84,6 +92,7 @@ bench: install model
 
 lint: install
 	$(PY) -m ruff check replay tests bench
+	$(MAKE) --no-print-directory layout
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -63,7 +63,7 @@ def add_capacity_subparsers(subparsers: Any) -> None:
 
 
 def _options(ns: argparse.Namespace) -> Any:
-    from replay.capacity.search import CapacityOptions
+    from replay.capacity.options import CapacityOptions
     from replay.capacity.slo import parse_slo
 
     slo = parse_slo(ns.slo)

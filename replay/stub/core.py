@@ -1,9 +1,9 @@
-"""The stub server's core: HTTP routes and one scheduler for every stream (see stub_server.py).
+"""The stub server's core: HTTP routes and one scheduler for every stream (see server.py).
 
 Each streamed request gets its first content chunk at `admit + ttft` and chunk j at
 `admit + ttft + j*k*itl` (k = tokens per chunk), on an absolute schedule, so lateness never
 accumulates; `admit` is when the request was received, or when it left the FIFO queue under
-`max_concurrency`. The stub records what it really wrote (see `stub_truth.py`), served at
+`max_concurrency`. The stub records what it really wrote (see `truth.py`), served at
 GET /stub/truth and cleared by POST /stub/reset.
 
 Built to stay honest at tens of thousands of token writes a second on one core: a raw
@@ -20,17 +20,17 @@ import itertools
 import random
 import time
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from replay.core.errors import ReplayError
 from replay.stub.protocol import Conn, error_body
+from replay.stub.stream import Stream, StubConfig
+from replay.stub.stream import count_prompt as _count_prompt
+from replay.stub.stream import http_chunk as _http_chunk
 from replay.stub.truth import Fault, Truth
 
-FaultHook = Callable[[int, dict[str, Any]], Fault | None]
 _TOKEN = b" tok"
 _INF = float("inf")
 # SSE events in vLLM's shape, filled from per-request pieces (`head` ends in `"choices":[`).
@@ -42,58 +42,6 @@ _USAGE = b',"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d
 _FINAL = b'data: %s],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}}\n\n'
 _STREAM_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
                 b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n")  # fmt: skip
-
-
-@dataclass(frozen=True)
-class StubConfig:
-    ttft_s: float = 0.020
-    itl_s: float = 0.005
-    tokens_per_chunk: int = 1
-    max_concurrency: int = 0  # 0: unlimited
-    usage: bool = True  # honour stream_options.include_usage
-    continuous_usage: bool = False  # honour stream_options.continuous_usage_stats (vLLM extension)
-    vllm: bool = False  # look like vLLM: GET /version, models owned_by "vllm"
-    model: str = "stub-model"
-    # Wake this long before a write is due and poll the loop until it is: loop timers have ~1 ms
-    # resolution, polling keeps writes within microseconds of the schedule while I/O still runs.
-    spin_s: float = 0.001
-    faults: tuple[tuple[Fault, float], ...] = ()  # (fault, probability), drawn per request
-    fault_hook: FaultHook | None = None  # (request index, JSON body) -> fault; for tests
-    seed: int = 0
-    api_key: str | None = None  # like vLLM --api-key: /v1/* then needs "Authorization: Bearer <key>"
-
-
-class Stream:
-    """One generation request in flight (streamed or not)."""
-
-    __slots__ = (
-        "conn", "n", "sent", "base", "t_recv", "t_admit", "t_first", "t_prev", "head", "chat", "stream",
-        "usage", "continuous", "prompt_tokens", "fault", "dead", "admitted", "keep_alive",
-    )  # fmt: skip
-
-    def __init__(self, conn: Conn, t_recv: float, keep_alive: bool) -> None:
-        self.conn = conn
-        self.t_recv = t_recv
-        self.keep_alive = keep_alive
-        self.n = 0
-        self.sent = 0
-        self.base = 0.0
-        self.t_admit: float | None = None
-        self.t_first: float | None = None
-        self.t_prev: float | None = None
-        self.head = b""
-        self.chat = False
-        self.stream = True
-        self.usage = False
-        self.continuous = False
-        self.prompt_tokens = 0
-        self.fault: Fault | None = None
-        self.dead = False
-        self.admitted = False
-
-
-def _http_chunk(body: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(body), body)
 
 
 class StubServer:
@@ -406,18 +354,3 @@ class StubServer:
         self.truth.disconnected += 1
         if s.admitted:
             self._release()
-
-
-def _count_prompt(req: dict[str, Any], chat: bool) -> int:
-    """Prompt tokens as the stub counts them: ids as given, text as whitespace-separated words."""
-    if chat:
-        msgs = req.get("messages")
-        if not isinstance(msgs, list):
-            raise ValueError("messages must be a list")
-        return sum(len(str(m.get("content") or "").split()) for m in msgs if isinstance(m, dict))
-    prompt = req.get("prompt")
-    if isinstance(prompt, list) and all(isinstance(x, int) for x in prompt):
-        return len(prompt)
-    if isinstance(prompt, str):
-        return len(prompt.split())
-    raise ValueError("prompt must be a string or a list of token ids")

@@ -31,7 +31,8 @@ from typing import Any
 import orjson
 
 from replay.core.errors import ReplayError
-from replay.stub.core import StubConfig, StubServer
+from replay.stub.core import StubServer
+from replay.stub.stream import StubConfig
 from replay.stub.truth import Fault, Truth, parse_fault_rule
 
 __all__ = ["Fault", "StubConfig", "StubProcess", "StubServer", "Truth", "main", "start_stub"]

@@ -1,0 +1,79 @@
+"""The stub server's configuration and one request in flight (see core.py for the scheduler)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from replay.stub.protocol import Conn
+from replay.stub.truth import Fault
+
+FaultHook = Callable[[int, dict[str, Any]], Fault | None]
+
+
+@dataclass(frozen=True)
+class StubConfig:
+    ttft_s: float = 0.020
+    itl_s: float = 0.005
+    tokens_per_chunk: int = 1
+    max_concurrency: int = 0  # 0: unlimited
+    usage: bool = True  # honour stream_options.include_usage
+    continuous_usage: bool = False  # honour stream_options.continuous_usage_stats (vLLM extension)
+    vllm: bool = False  # look like vLLM: GET /version, models owned_by "vllm"
+    model: str = "stub-model"
+    # Wake this long before a write is due and poll the loop until it is: loop timers have ~1 ms
+    # resolution, polling keeps writes within microseconds of the schedule while I/O still runs.
+    spin_s: float = 0.001
+    faults: tuple[tuple[Fault, float], ...] = ()  # (fault, probability), drawn per request
+    fault_hook: FaultHook | None = None  # (request index, JSON body) -> fault; for tests
+    seed: int = 0
+    api_key: str | None = None  # like vLLM --api-key: /v1/* then needs "Authorization: Bearer <key>"
+
+
+class Stream:
+    """One generation request in flight (streamed or not)."""
+
+    __slots__ = (
+        "conn", "n", "sent", "base", "t_recv", "t_admit", "t_first", "t_prev", "head", "chat", "stream",
+        "usage", "continuous", "prompt_tokens", "fault", "dead", "admitted", "keep_alive",
+    )  # fmt: skip
+
+    def __init__(self, conn: Conn, t_recv: float, keep_alive: bool) -> None:
+        self.conn = conn
+        self.t_recv = t_recv
+        self.keep_alive = keep_alive
+        self.n = 0
+        self.sent = 0
+        self.base = 0.0
+        self.t_admit: float | None = None
+        self.t_first: float | None = None
+        self.t_prev: float | None = None
+        self.head = b""
+        self.chat = False
+        self.stream = True
+        self.usage = False
+        self.continuous = False
+        self.prompt_tokens = 0
+        self.fault: Fault | None = None
+        self.dead = False
+        self.admitted = False
+
+
+def http_chunk(body: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(body), body)
+
+
+def count_prompt(req: dict[str, Any], chat: bool) -> int:
+    """Prompt tokens as the stub counts them: ids as given, text as whitespace-separated words."""
+    if chat:
+        msgs = req.get("messages")
+        if not isinstance(msgs, list):
+            raise ValueError("messages must be a list")
+        return sum(len(str(m.get("content") or "").split()) for m in msgs if isinstance(m, dict))
+    prompt = req.get("prompt")
+    if isinstance(prompt, list) and all(isinstance(x, int) for x in prompt):
+        return len(prompt)
+    if isinstance(prompt, str):
+        return len(prompt.split())
+    raise ValueError("prompt must be a string or a list of token ids")
