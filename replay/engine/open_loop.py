@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from replay.core import errors
 from replay.core.request import ERROR, NOT_SENT, OK, Request, RequestRecord, record_for
 from replay.core.target import Target
-from replay.targets.openai_http import OpenAIHTTPTarget  # noqa: F401  (deliberate violation)
 
 Sink = Callable[[RequestRecord], None]
 EARLY_S = 0.0002
