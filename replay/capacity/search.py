@@ -13,10 +13,10 @@
    queue growth jump at the knee), which breaks the smoothness interpolation relies on; bisection
    needs only that passing is (mostly) monotone in rate, gains a fixed bit per step, and its bracket
    is an honest error bar. Steps are cheap to fail: a live watch ends a step once its verdict is
-   decided (capacity_watch), so steps above the answer cost seconds. Each step is a full open-loop
+   decided (capacity.watch), so steps above the answer cost seconds. Each step is a full open-loop
    run; requests intended in the first `warmup_s` (and intervals starting then) are left out of its
    verdict. A step passes when the SLO holds on the rest and the server is not saturated (backlog
-   growth, TTFT trend: capacity_stats.saturation).
+   growth, TTFT trend: stats.saturation).
 3. Confirmation: the decisive rates (last pass, first fail) run `repeats` more times on fresh
    seeds; the report shows each run's figures and their spread.
 4. Knee of latency versus offered load (Kneedle), and, given a trace, replicas for its peak.
@@ -70,7 +70,7 @@ class CapacitySearch:
         log: Callable[[str], None] | None = None,
         demand: dict[str, Any] | None = None,
     ) -> None:
-        """`demand`: a trace's peak rates (capacity_stats.trace_demand) for the replica estimate."""
+        """`demand`: a trace's peak rates (stats.trace_demand) for the replica estimate."""
         if opts.warmup_s >= opts.step_s:
             raise ValueError("warm-up must be shorter than a step")
         self.target = target

@@ -10,7 +10,7 @@ count; the watch uses a generous upper estimate of N, so it stops a step only wh
 of the remaining requests could make it pass. It also stops a step whose backlog (requests in
 flight) has grown since the warm-up by more than max(10, 25% of the window's expected arrivals):
 a gross overload, which would otherwise run to the end and then drain a long queue. The bound is
-deliberately looser than the post-hoc saturation check (10%, capacity_stats.saturation): a
+deliberately looser than the post-hoc saturation check (10%, stats.saturation): a
 batching server's in-flight count also rises, and then settles, as its latency grows with load
 (Little's law), and a live check must not mistake that for an unbounded queue. Stopping means
 the schedule ends early (the rest is never sent); in-flight requests still drain.

@@ -2,7 +2,7 @@
 sees as a trace (our JSONL) for `replay run --trace` to replay later.
 
 Responses go through unchanged and unbuffered: each piece of body the upstream sends is written to
-the client as soon as it is read (`iter_any` -> `write`), and only then looked at (record_tap.py).
+the client as soon as it is read (`iter_any` -> `write`), and only then looked at (tap.py).
 One thing may be altered, and only for a streamed generation request whose client did not ask for
 usage: the proxy adds `stream_options.include_usage: true` to the upstream request (the body is
 re-serialised) and removes the usage-only event the server then appends, so the trace gets the

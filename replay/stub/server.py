@@ -4,14 +4,14 @@ Each streamed request gets its first content chunk at `admit + ttft` and chunk j
 `admit + ttft + j*k*itl` (k = tokens per chunk), on an absolute schedule, so lateness never
 accumulates; `admit` is when the request was received, or when it left the FIFO queue under
 `max_concurrency` (known, injected queueing). The stub records what it really wrote (see
-stub_truth.py): GET /stub/truth gives counts and HDR percentiles, POST /stub/reset clears them.
+truth.py): GET /stub/truth gives counts and HDR percentiles, POST /stub/reset clears them.
 
     python -m replay.stub.server --port 8000 --ttft-ms 20 --itl-ms 5 [--tokens-per-chunk K]
         [--max-concurrency C] [--usage/--no-usage] [--continuous-usage] [--vllm] [--fault SPEC:PROB]
 
 Routes: /v1/models, /v1/completions, /v1/chat/completions (streamed or not), /health,
 /metrics (a few vLLM gauges), /version (with --vllm only), /stub/truth, /stub/reset.
-Faults (stub_truth.Fault) come from an `x-stub-fault` request header, a per-request hook
+Faults (truth.Fault) come from an `x-stub-fault` request header, a per-request hook
 (tests) or `--fault` probabilities.
 """
 

@@ -3,7 +3,7 @@
 Memory is bounded by the trace's span and its largest length, not its request count: arrivals
 are counted into 1-second bins and lengths into per-value bins, so percentiles are exact
 (nearest rank: the smallest value with at least q% of requests at or below it).
-Rate windows are the whole windows of [0, D), D the trace duration as `trace_schedule` defines
+Rate windows are the whole windows of [0, D), D the trace duration as `schedule.from_trace` defines
 it (arrival span plus one mean gap); empty windows count as zero, a trailing partial window is
 left out (its rate over a full window's width would be too low), and a window size longer than
 the trace is not reported. The mean rate line is N / D over the whole trace.
