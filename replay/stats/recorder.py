@@ -112,7 +112,9 @@ class Recorder:
         ):
             if value is not None:
                 H.record_seconds(h[name], value)
-        H.record_seconds_many(h["itl"], rec.itls())
+        itl = h["itl"]
+        for gap in rec.itls():
+            H.record_seconds(itl, gap)
         e2e = rec.e2e()
         if e2e and rec.first_token_s is not None and rec.output_tokens > 1:
             # Decode rate after the first token: what a reader of the stream experiences.
