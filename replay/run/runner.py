@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib.metadata
 import platform
 import resource
@@ -27,12 +28,13 @@ from replay.core.target import Target
 from replay.engine.open_loop import Engine, EngineOptions
 from replay.run.config import RunConfig
 from replay.run.files import IntervalLog, JsonlWriter, RequestLog, interval_row
+from replay.run.offloop import OffLoop
 from replay.run.progress import Progress
 from replay.run.sidecar import Sidecar
 from replay.stats import histogram as H
 from replay.stats.drift import DriftTracker
 from replay.stats.recorder import Recorder
-from replay.stats.selfcheck import Bounds, LoopLagMonitor, verdict
+from replay.stats.selfcheck import Bounds, LoopLagMonitor, stall_reason, verdict
 from replay.stats.summary import build_summary
 
 START_LEAD_S = 0.05  # first intended send is this far after t0 is fixed, so request 0 is not late
@@ -90,6 +92,7 @@ class _Run:
         else:
             self.engine = Engine(target, self._sink, opts)
         self.monitor = LoopLagMonitor()
+        self.offloop = OffLoop()
         self.signals = 0
         self.t0 = 0.0
         self.sidecar = Sidecar(target, run_dir)
@@ -101,6 +104,7 @@ class _Run:
     def _sink(self, rec: RequestRecord) -> None:
         self.recorder.add(rec)
         self.requests.add(rec)
+        self.monitor.stalls.check(rec)
 
     def _on_signal(self) -> None:
         self.signals += 1
@@ -115,14 +119,24 @@ class _Run:
         while True:
             due = self.t0 + k * self.cfg.interval_s
             await asyncio.sleep(max(0.0, due - time.perf_counter()))
-            self._close_interval(hlog, (k - 1) * self.cfg.interval_s, self.cfg.interval_s)
+            await self._close_interval(hlog, (k - 1) * self.cfg.interval_s, self.cfg.interval_s)
             k += 1
 
-    def _close_interval(self, hlog: IntervalLog, start_s: float, length_s: float) -> None:
-        hists, counts = self.recorder.roll()
-        hlog.write(start_s, length_s, hists)
+    async def _close_interval(self, hlog: IntervalLog, start_s: float, length_s: float) -> None:
+        """O(1) on the loop (swap histogram sets, read two counters); the rest on the worker thread."""
+        hists, counts = self.recorder.swap()
         st = self.engine.state
-        row = interval_row(start_s, length_s, counts, hists, st.in_flight, st.waiting_for_cap)
+        await self.offloop.run(
+            self._write_interval, hlog, start_s, length_s, hists, counts, st.in_flight, st.waiting_for_cap
+        )
+
+    def _write_interval(
+        self, hlog: IntervalLog, start_s: float, length_s: float, hists: dict[str, Any], counts: Any,
+        in_flight: int, waiting_for_cap: int,
+    ) -> None:  # fmt: skip
+        """Worker thread: the only writer of intervals.hlog, timeseries.jsonl, drift and the totals."""
+        hlog.write(start_s, length_s, hists)
+        row = interval_row(start_s, length_s, counts, hists, in_flight, waiting_for_cap)
         try:  # a side reading must never end the run (e.g. out of file descriptors)
             rss_mb = self.proc.memory_info().rss / 2**20
             self.rss_peak_mb = max(self.rss_peak_mb, rss_mb)
@@ -134,6 +148,7 @@ class _Run:
         self.drift.add(hists, row)
         self.timeseries.write(row)
         self.timeseries.flush()
+        self.recorder.absorb(hists)
 
     async def execute(
         self, schedule: Iterable[Request], offered_rate: float | None, manage_target: bool
@@ -148,8 +163,11 @@ class _Run:
         hlog = IntervalLog(self.run_dir / "intervals.hlog", time.time() + START_LEAD_S)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
+        # Everything allocated so far (imports, target, schedule set-up) leaves the collector's view:
+        # a full collection over it took ~10 ms on the loop mid-run.
+        gc.freeze()
         self.t0 = time.perf_counter() + START_LEAD_S
-        self.monitor.start()
+        self.monitor.start(self.t0)
         self.sidecar.start(self.t0)
         ticker = asyncio.ensure_future(self._intervals(hlog))
         progress = (
@@ -165,13 +183,15 @@ class _Run:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
+            await self.offloop.idle()
             await self.monitor.stop()
             await self.sidecar.stop()
             if progress:
                 await progress.stop()
             elapsed = time.perf_counter() - self.t0
             last_start = (elapsed // self.cfg.interval_s) * self.cfg.interval_s
-            self._close_interval(hlog, last_start, max(elapsed - last_start, 1e-3))
+            await self._close_interval(hlog, last_start, max(elapsed - last_start, 1e-3))
+            self.offloop.close()
             hlog.close()
             self.requests.close()
             self.timeseries.close()
@@ -183,6 +203,10 @@ class _Run:
         hists = self.recorder.close()
         counts = self.recorder.counts
         ok, reasons = verdict(hists["dispatch_lag"], self.monitor.hist, Bounds())
+        stalls = self.monitor.stalls.to_json()
+        touched = stall_reason(stalls)
+        if touched and not ok:
+            reasons.append(touched)
         loop_lag = H.summary_ms(self.monitor.hist)
         selfcheck = {
             "trustworthy": ok,
@@ -190,6 +214,7 @@ class _Run:
             "dispatch_lag_p99_ms": H.summary_ms(hists["dispatch_lag"])["p99"],
             "loop_lag_p99_ms": loop_lag["p99"],
             "loop_lag_max_ms": loop_lag["max"],
+            "stalls": stalls,
             "client_cpu_percent": round(self.monitor.cpu_percent, 1),
         }
         hists_out = dict(hists)

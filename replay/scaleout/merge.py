@@ -107,16 +107,34 @@ def merged_selfcheck(
         reasons.extend(f"worker {e['index']} ({e['host']}): {why}" for why in e["reasons"])
     reasons.extend(lost)
     loop_lag = H.summary_ms(hists["loop_lag"])
+    stalls = merged_stalls([e.get("stalls") or {} for e in entries])
     return {
         "trustworthy": ok and not behind and not lost,
         "reasons": reasons,
         "dispatch_lag_p99_ms": _p99_ms(hists["dispatch_lag"]),
         "loop_lag_p99_ms": loop_lag["p99"],
         "loop_lag_max_ms": loop_lag["max"],
+        "stalls": stalls,
         # Sum over workers, as `top` shows it: 200 = two cores busy.
         "client_cpu_percent": round(sum(e["cpu_percent"] for e in entries), 1),
         "workers_behind": behind,
     }
+
+
+def merged_stalls(each: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stalls over all workers: counts and requests touched add up, the worst is the max."""
+    out: dict[str, Any] = {"threshold_ms": Bounds().stall_ms, "count": 0, "max_ms": 0.0, "total_ms": 0.0,
+                           "requests_touched": 0, "touched_ids": []}  # fmt: skip
+    for s in each:
+        if not s:
+            continue
+        out["threshold_ms"] = s.get("threshold_ms", out["threshold_ms"])
+        out["count"] += s.get("count", 0)
+        out["max_ms"] = max(out["max_ms"], s.get("max_ms", 0.0))
+        out["total_ms"] = round(out["total_ms"] + s.get("total_ms", 0.0), 3)
+        out["requests_touched"] += s.get("requests_touched", 0)
+        out["touched_ids"].extend(s.get("touched_ids", [])[: 20 - len(out["touched_ids"])])
+    return out
 
 
 class IntervalMerger:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import os
 import socket
@@ -31,6 +32,7 @@ from replay.core.target import Target
 from replay.engine.open_loop import Engine, EngineOptions
 from replay.run.config import RunConfig
 from replay.run.files import RequestLog
+from replay.run.offloop import OffLoop
 from replay.schedule import arrivals
 from replay.schedule import synthetic as schedule
 from replay.schedule.arrivals import ArrivalSpec
@@ -168,6 +170,8 @@ class ShardRunner:
         self._requests: RequestLog | None = None
         self._next_k = 0  # the interval now open
         self._proc = psutil.Process()
+        self.monitor = LoopLagMonitor()
+        self.offloop = OffLoop("replay-shard")
 
     async def prepare(self) -> None:
         """Build and start this worker's target and schedule before the shared start time is fixed."""
@@ -201,6 +205,7 @@ class ShardRunner:
         self.recorder.add(rec)
         assert self._requests is not None
         self._requests.add(rec)
+        self.monitor.stalls.check(rec)
 
     def stop(self) -> None:
         self.stopped = True
@@ -211,22 +216,32 @@ class ShardRunner:
         if self.engine is not None:
             self.engine.cancel_in_flight()
 
-    def _report(self, k: int, length_s: float) -> None:
-        hists, counts = self.recorder.roll()
+    async def _report(self, k: int, length_s: float) -> None:
+        """O(1) on the loop (swap histogram sets); encoding and the process readings on the worker
+        thread, then the report goes out from the loop."""
+        hists, counts = self.recorder.swap()
         st = self.engine.state if self.engine else None
-        self.on_interval(
-            IntervalReport(
-                worker=self.spec.index,
-                k=k,
-                length_s=length_s,
-                hists={m: H.encode(h) for m, h in hists.items() if h.get_total_count()},
-                counts=counts,
-                in_flight=st.in_flight if st else 0,
-                waiting_for_cap=st.waiting_for_cap if st else 0,
-                rss_mb=round(self._proc.memory_info().rss / 2**20, 1),
-                cpu_percent=round(self._proc.cpu_percent(), 1),
-            )
+        in_flight = st.in_flight if st else 0
+        waiting = st.waiting_for_cap if st else 0
+        report = await self.offloop.run(self._build_report, k, length_s, hists, counts, in_flight, waiting)
+        self.on_interval(report)
+
+    def _build_report(
+        self, k: int, length_s: float, hists: dict[str, Any], counts: Counts, in_flight: int, waiting: int
+    ) -> IntervalReport:
+        report = IntervalReport(
+            worker=self.spec.index,
+            k=k,
+            length_s=length_s,
+            hists={m: H.encode(h) for m, h in hists.items() if h.get_total_count()},
+            counts=counts,
+            in_flight=in_flight,
+            waiting_for_cap=waiting,
+            rss_mb=round(self._proc.memory_info().rss / 2**20, 1),
+            cpu_percent=round(self._proc.cpu_percent(), 1),
         )
+        self.recorder.absorb(hists)
+        return report
 
     async def _ticker(self) -> None:
         """Close interval k at t0 + (k + 1) * interval_s: every worker's interval k is the same window."""
@@ -234,16 +249,17 @@ class ShardRunner:
         while True:
             k = self._next_k
             await asyncio.sleep(max(0.0, self.t0 + (k + 1) * step - time.perf_counter()))
-            self._report(k, step)
+            await self._report(k, step)
             self._next_k = k + 1
 
     async def run(self, t0: float) -> WorkerResult:
         assert self.engine is not None and self._schedule is not None, "prepare() first"
         assert self._requests is not None
         self.t0 = t0
+        gc.freeze()  # set-up objects leave the collector's view: no ~10 ms full collections over them
         self._proc.cpu_percent()  # prime: the first interval reports CPU from here
-        monitor = LoopLagMonitor()
-        monitor.start()
+        monitor = self.monitor
+        monitor.start(t0)
         ticker = asyncio.ensure_future(self._ticker())
         try:
             await self.engine.run(self._schedule, t0)
@@ -251,11 +267,13 @@ class ShardRunner:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
+            await self.offloop.idle()
             await monitor.stop()
             # The open interval closes now (a little longer than interval_s if the ticker was late).
             elapsed = time.perf_counter() - t0
             k = self._next_k
-            self._report(k, max(elapsed - k * self.spec.cfg.interval_s, 1e-3))
+            await self._report(k, max(elapsed - k * self.spec.cfg.interval_s, 1e-3))
+            self.offloop.close()
             self._requests.close()
         hists = dict(self.recorder.close())
         hists["loop_lag"] = monitor.hist
@@ -271,6 +289,7 @@ class ShardRunner:
             elapsed_s=round(elapsed, 3),
             target=self.target.describe() if self.target else {},
             requests_lines=self._requests.lines,
+            extra={"stalls": monitor.stalls.to_json()},
         )
 
     async def close(self) -> None:

@@ -46,6 +46,34 @@ def record_seconds(h: HdrHistogram, seconds: float) -> None:
     h.record_value(min(max(us, 0), HIGHEST))
 
 
+def record_seconds_many(h: HdrHistogram, seconds: np.ndarray) -> None:
+    """Record many durations in one vectorised pass: the same buckets as `record_seconds` per value.
+
+    Why by hand: hdrh's record_value is ~2.5 us of Python per value, and a streamed token is one
+    ITL sample, so a 256-token response cost ~0.6 ms of the event loop; this costs ~30 us."""
+    if len(seconds) == 0:
+        return
+    us = np.clip(np.rint(np.asarray(seconds, dtype=np.float64) * 1e6), 0, HIGHEST).astype(np.int64)
+    np.add.at(_counts(h), _counts_index(h, us), 1)
+    h.total_count += len(us)
+    lo, hi = int(us.min()), int(us.max())
+    h.min_value = min(h.min_value, lo)
+    h.max_value = max(h.max_value, hi)
+
+
+def _counts_index(h: HdrHistogram, us: np.ndarray) -> np.ndarray:
+    """hdrh's _counts_index_for, vectorised (bucket from the bit length, then the sub-bucket)."""
+    bit_length = np.frexp((us | h.sub_bucket_mask).astype(np.float64))[1].astype(np.int64)  # exact < 2**53
+    bucket = bit_length - h.unit_magnitude - (h.sub_bucket_half_count_magnitude + 1)
+    sub = us >> (bucket + h.unit_magnitude)
+    return ((bucket + 1) << h.sub_bucket_half_count_magnitude) + sub - h.sub_bucket_half_count
+
+
+def warm() -> None:
+    """Build the per-bucket tables now (~30 ms of Python, once per process), before any load runs."""
+    _tables(new())
+
+
 def encode(h: HdrHistogram) -> str:
     """Compressed, base64 HDR encoding (the standard V2 format HdrHistogram's tools read)."""
     raw = h.encode()
@@ -107,7 +135,8 @@ def mean(h: HdrHistogram) -> float:
     if n == 0:
         return 0.0
     _, med, _ = _tables(h)
-    return float(np.dot(_counts(h).astype(np.float64), med)) / n
+    # Not np.dot: BLAS may wake its thread pool and spin, ~25 ms on a busy 2-core machine.
+    return float((_counts(h).astype(np.float64) * med).sum()) / n
 
 
 def summary_ms(h: HdrHistogram, scale: float = 1e-3) -> dict[str, float | int | None]:

@@ -68,6 +68,7 @@ class Counts:
 
 class Recorder:
     def __init__(self) -> None:
+        H.warm()  # percentile tables built now, not at the first interval close mid-run
         self.total = _new_set()
         self.interval = _new_set()
         self._spare = _new_set()  # the set roll() returned last; the next interval reuses it
@@ -112,9 +113,7 @@ class Recorder:
         ):
             if value is not None:
                 H.record_seconds(h[name], value)
-        itl = h["itl"]
-        for gap in rec.itls():
-            H.record_seconds(itl, gap)
+        H.record_seconds_many(h["itl"], rec.itls())
         e2e = rec.e2e()
         if e2e and rec.first_token_s is not None and rec.output_tokens > 1:
             # Decode rate after the first token: what a reader of the stream experiences.
@@ -132,14 +131,27 @@ class Recorder:
 
         The returned histograms are valid until the next `roll()`, which empties and reuses them:
         two sets alternate for the whole run, so memory does not depend on its length."""
-        done, counts = self.interval, self.interval_counts
-        for m in METRICS:
-            self.total[m].add(done[m])
         spare = self._spare
         for h in spare.values():
             H.reset(h)
-        self.interval, self._spare, self.interval_counts = spare, done, Counts()
+        done, counts = self.swap()
+        for m in METRICS:
+            self.total[m].add(done[m])
         return done, counts
+
+    def swap(self) -> tuple[dict[str, HdrHistogram], Counts]:
+        """Close the current interval in O(1), for the event loop: the next interval records into the
+        spare set at once. The returned set must go through `absorb()` (on any one thread) before the
+        next `swap()`; until then nothing else touches it, so the heavy part can run off the loop."""
+        done, counts = self.interval, self.interval_counts
+        self.interval, self._spare, self.interval_counts = self._spare, done, Counts()
+        return done, counts
+
+    def absorb(self, done: dict[str, HdrHistogram]) -> None:
+        """Add a swapped-out interval to the run total and empty it for reuse (off the loop)."""
+        for m in METRICS:
+            self.total[m].add(done[m])
+            H.reset(done[m])
 
     def close(self) -> dict[str, HdrHistogram]:
         self.roll()

@@ -1,47 +1,137 @@
 """Is the generator itself keeping up? If not, its latencies include its own queueing.
 
-Two signals: dispatch lag (how late the engine woke for each request against its intended
-time) and event-loop lag (how late a periodic timer fires: a busy loop delays every read of
-every stream, inflating TTFT and ITL). Client CPU is reported beside them.
+Three signals: dispatch lag (how late the engine woke for each request against its intended
+time), event-loop lag (how late a periodic timer fires: a busy loop delays every read of every
+stream, inflating TTFT and ITL), and stalls: any single loop-lag sample above `stall_ms`. A p99
+hides a 35 ms stall every 10 s, yet every stream in flight during it read its tokens late; so
+stalls are judged by their maximum, and the requests in flight during one are counted and named.
+Client CPU is reported beside them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import time
+from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 from hdrh.histogram import HdrHistogram
 
+from replay.core.request import RequestRecord
 from replay.stats import histogram as H
 
 PROBE_INTERVAL_S = 0.01
+MAX_STALLS_KEPT = 10_000  # windows kept for matching requests; beyond it only counted
+MAX_TOUCHED_IDS = 20
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    dispatch_lag_p99_ms: float = 5.0
+    loop_lag_p99_ms: float = 10.0
+    stall_ms: float = 5.0  # one loop-lag sample above this is a stall, and fails the check
+
+
+class Stalls:
+    """Windows (run-relative seconds) in which the loop was unavailable, and the requests they touched.
+
+    A window is [the probe's previous wake, the late wake]: it contains the whole stall, so a
+    request counted as touched may have been just outside it, never the other way round. After a
+    stall the loop may run a request's last read before the probe's late wake reports the stall,
+    so requests finished in the last `RECENT_S` are kept and matched again when a window arrives."""
+
+    RECENT_S = 1.0
+
+    def __init__(self, stall_ms: float) -> None:
+        self.stall_s = stall_ms / 1e3
+        self.count = 0
+        self.max_s = 0.0
+        self.total_s = 0.0
+        self._starts: list[float] = []
+        self._ends: list[float] = []
+        self._recent: deque[list[Any]] = deque()  # [id, sent_s, end_s, counted]
+        self.touched = 0
+        self.touched_ids: list[int] = []
+
+    def add(self, start_s: float, end_s: float, lag_s: float) -> None:
+        self.count += 1
+        self.total_s += lag_s
+        self.max_s = max(self.max_s, lag_s)
+        if len(self._starts) < MAX_STALLS_KEPT:
+            self._starts.append(start_s)
+            self._ends.append(end_s)
+        for item in self._recent:
+            if not item[3] and item[1] <= end_s and item[2] >= start_s:
+                self._count(item)
+
+    def check(self, rec: RequestRecord) -> None:
+        """Count `rec` (run-relative times) if it was in flight during any stall."""
+        if rec.sent_s is None:
+            return
+        end = rec.end_s if rec.end_s is not None else rec.sent_s
+        item = [rec.id, rec.sent_s, end, False]
+        # Windows are appended in time order: the first one ending after the send, if it starts
+        # before the request ended, overlaps it.
+        i = bisect.bisect_right(self._ends, rec.sent_s)
+        if i < len(self._starts) and self._starts[i] <= end:
+            self._count(item)
+        recent = self._recent
+        recent.append(item)
+        while recent and recent[0][2] < end - self.RECENT_S:
+            recent.popleft()
+
+    def _count(self, item: list[Any]) -> None:
+        item[3] = True
+        self.touched += 1
+        if len(self.touched_ids) < MAX_TOUCHED_IDS:
+            self.touched_ids.append(item[0])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "threshold_ms": round(self.stall_s * 1e3, 3),
+            "count": self.count,
+            "max_ms": round(self.max_s * 1e3, 3),
+            "total_ms": round(self.total_s * 1e3, 3),
+            "requests_touched": self.touched,
+            "touched_ids": list(self.touched_ids),
+        }
 
 
 class LoopLagMonitor:
-    """Samples event-loop lag every 10 ms into an HDR histogram until stopped."""
+    """Samples event-loop lag every 10 ms into an HDR histogram until stopped; keeps stall windows."""
 
-    def __init__(self) -> None:
+    def __init__(self, bounds: Bounds | None = None) -> None:
         self.hist = H.new()
+        self.stalls = Stalls((bounds or Bounds()).stall_ms)
         self._task: asyncio.Task[None] | None = None
         self._proc = psutil.Process()
         self._cpu0 = 0.0
         self._wall0 = 0.0
+        self._t0 = 0.0
         self.cpu_percent = 0.0
 
-    def start(self) -> None:
+    def start(self, t0: float | None = None) -> None:
+        """`t0`: the run's start on the perf_counter clock; stall windows are stored relative to it."""
         t = self._proc.cpu_times()
         self._cpu0 = t.user + t.system
         self._wall0 = time.perf_counter()
+        self._t0 = self._wall0 if t0 is None else t0
         self._task = asyncio.ensure_future(self._probe())
 
     async def _probe(self) -> None:
+        stall_s = self.stalls.stall_s
         while True:
             t = time.perf_counter()
             await asyncio.sleep(PROBE_INTERVAL_S)
-            H.record_seconds(self.hist, time.perf_counter() - t - PROBE_INTERVAL_S)
+            now = time.perf_counter()
+            lag = now - t - PROBE_INTERVAL_S
+            H.record_seconds(self.hist, lag)
+            if lag > stall_s:
+                self.stalls.add(t - self._t0, now - self._t0, lag)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -52,12 +142,6 @@ class LoopLagMonitor:
         wall = time.perf_counter() - self._wall0
         if wall > 0:
             self.cpu_percent = 100.0 * (t.user + t.system - self._cpu0) / wall
-
-
-@dataclass(frozen=True, slots=True)
-class Bounds:
-    dispatch_lag_p99_ms: float = 5.0
-    loop_lag_p99_ms: float = 10.0
 
 
 def verdict(dispatch_lag: HdrHistogram, loop_lag: HdrHistogram, bounds: Bounds) -> tuple[bool, list[str]]:
@@ -73,4 +157,18 @@ def verdict(dispatch_lag: HdrHistogram, loop_lag: HdrHistogram, bounds: Bounds) 
         p99 = H.percentiles(h, (99.0,))[0] / 1000.0
         if p99 > bound:
             reasons.append(f"{label} p99 {p99:.1f} ms exceeds {bound:g} ms")
+    if loop_lag.get_total_count():
+        worst = loop_lag.get_max_value() / 1000.0
+        if worst > bounds.stall_ms:
+            reasons.append(f"event-loop stall of {worst:.1f} ms (max) exceeds {bounds.stall_ms:g} ms")
     return (not reasons, reasons)
+
+
+def stall_reason(stalls: dict[str, Any]) -> str | None:
+    """One line naming how many requests the stalls touched, for the summary's reasons."""
+    if not stalls.get("count"):
+        return None
+    ids = ", ".join(str(i) for i in stalls.get("touched_ids", [])[:5])
+    more = "" if stalls["requests_touched"] <= 5 else ", ..."
+    return (f"{stalls['count']} stall(s) over {stalls['threshold_ms']:g} ms touched "
+            f"{stalls['requests_touched']} request(s) in flight (ids {ids}{more})")  # fmt: skip

@@ -150,7 +150,8 @@ def console_table(summary: dict[str, Any]) -> str:
     if sc["trustworthy"]:
         lines.append(
             f"self-check: ok (dispatch lag p99 {_fmt(sc['dispatch_lag_p99_ms'])} ms, "
-            f"loop lag p99 {_fmt(sc['loop_lag_p99_ms'])} ms, client CPU {sc['client_cpu_percent']:.0f}%)"
+            f"loop lag p99 {_fmt(sc['loop_lag_p99_ms'])} ms, max {_fmt(sc.get('loop_lag_max_ms'))} ms, "
+            f"client CPU {sc['client_cpu_percent']:.0f}%)"
         )
     else:
         lines.append("self-check: GENERATOR FELL BEHIND — latencies include the client's own queueing:")
