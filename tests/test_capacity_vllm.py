@@ -45,7 +45,8 @@ async def test_short_capacity_run_on_vllm_cpu(tmp_path):
     assert probe[0]["latency_ms"]["ttft"]["count"] > 0  # real requests completed
     res = doc["result"]
     assert res["elapsed_s"] <= 150 + 30  # a step already started may finish past the budget
-    assert res["open_loop_steps"] <= 3 and len(doc["steps"]) == res["open_loop_steps"]
+    # At least one open-loop step decided (a search with no steps would check nothing below).
+    assert 1 <= res["open_loop_steps"] <= 3 and len(doc["steps"]) == res["open_loop_steps"]
     for s in doc["steps"]:
         assert s["goodput"]["scheduled"] > 0 and s["passed"] == (not s["reasons"])
     for s in doc["steps"]:
