@@ -93,6 +93,20 @@ async def test_start_health_stop_kills_whole_tree(tmp_path: Path) -> None:
     assert "stopped, exit code" in (tmp_path / "server.log").read_text()
 
 
+async def test_server_has_its_own_group_in_our_session(tmp_path: Path) -> None:
+    """Own process group (stopped as one, no terminal Ctrl-C), but our session: a session of its
+    own is a scheduling group of its own under Linux autogroup, and vLLM's busy-polling engine then
+    kept our event loop off the CPU for whole generations (issue 10; see server_process)."""
+    sp = _fake(tmp_path)
+    await sp.start()
+    try:
+        assert sp.pid is not None
+        assert os.getpgid(sp.pid) == sp.pid != os.getpgid(0)
+        assert os.getsid(sp.pid) == os.getsid(0)
+    finally:
+        await sp.stop()
+
+
 async def test_sigterm_ignored_escalates_to_sigkill(tmp_path: Path) -> None:
     sp = _fake(tmp_path, "IGNORE_TERM")
     await sp.start()

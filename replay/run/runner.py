@@ -31,6 +31,7 @@ from replay.run.files import IntervalLog, JsonlWriter, RequestLog, interval_row
 from replay.run.offloop import OffLoop
 from replay.run.progress import Progress
 from replay.run.sidecar import Sidecar
+from replay.schedule.synthetic import primed
 from replay.stats import histogram as H
 from replay.stats.drift import DriftTracker
 from replay.stats.recorder import Recorder
@@ -160,6 +161,7 @@ class _Run:
             except BaseException:
                 await self.target.close()  # a half-started server must not be orphaned
                 raise
+        schedule = primed(schedule)
         hlog = IntervalLog(self.run_dir / "intervals.hlog", time.time() + START_LEAD_S)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)

@@ -183,7 +183,7 @@ class ShardRunner:
             raise
         self._started_target = True
         self._requests = RequestLog(Path(self.spec.requests_path))
-        self._schedule = iter(self.spec.schedule(self.spec.index, self.spec.count))
+        self._schedule = schedule.primed(self.spec.schedule(self.spec.index, self.spec.count))
         cfg, w, n = self.spec.cfg, self.spec.index, self.spec.count
         from replay.run.runner import max_in_flight
 

@@ -1,0 +1,51 @@
+"""A vLLM the tool starts itself must not stall the tool's own event loop (issue 10).
+
+The defect: the server was launched in a session of its own. With Linux autogroup scheduling each
+session is a CPU-scheduling group, and vLLM-CPU's engine core busy-polls for the length of every
+generation; the client's mostly idle group then sat on the run queue behind it for the whole
+generation: loop-lag max 424 ms (p99 242 ms) in a 15 s run here, TTFT p50 186 ms = E2E, ITL p50 0.
+Fixed (server_process: own process group, same session). Bound 5 ms, the acceptance criterion;
+our own remaining on-loop work is well under it (the /metrics parse 0.18 ms, it was 5.8 ms with
+prometheus_client; the schedule's first step is taken before t0), so what can exceed it is the
+machine: other heavy jobs sharing these 2 cores pushed loop-lag max to 37-60 ms in the same run.
+
+A closed loop at concurrency 1 is the clean case: one stream, no queueing, so any gap between the
+tokens vLLM emits (one per ~2.7 ms decode step) and the ones we see is the client's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LOOP_LAG_MAX_MS = 5.0
+TOKENS = 64
+
+
+@pytest.mark.vllm
+def test_started_vllm_streams_without_stalling_the_loop(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    r = subprocess.run(
+        [sys.executable, "-m", "replay", "run", "--target", "vllm", "--concurrency", "1",
+         "--duration", "15", "--input-tokens", str(TOKENS), "--output-tokens", str(TOKENS),
+         "--out", str(out), "--quiet"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=900,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["counts"]["ok"] == s["counts"]["scheduled"] > 20
+    recs = [json.loads(line) for line in (out / "requests.jsonl").read_text().splitlines()]
+    # A stream seen as one burst has its first token at (nearly) its end; a streamed one spends
+    # most of its time after the first token (63 decode steps vs one 64-token prefill).
+    streamed = [x for x in recs if x["end_s"] - x["first_token_s"] > 0.5 * (x["end_s"] - x["sent_s"])]
+    bursts = len(recs) - len(streamed)
+    assert len(streamed) >= 0.9 * len(recs), f"{bursts} of {len(recs)} streams arrived as one burst"
+    assert s["metrics"]["itl"]["p50"] > 1.0, s["metrics"]["itl"]
+    assert s["metrics"]["ttft"]["p50"] < 0.5 * s["metrics"]["e2e"]["p50"], s["metrics"]["ttft"]
+    assert s["selfcheck"]["loop_lag_max_ms"] < LOOP_LAG_MAX_MS, s["selfcheck"]
