@@ -33,6 +33,7 @@ class CapacityOptions:
     headroom: float = 0.2  # replica estimate: capacity kept spare above the trace's peak
     endpoint: str = "completions"
     model: str | None = None
+    vocab_size: int | None = None  # prompt ids stay below it (else the target's own, else 4,096)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -54,7 +54,8 @@ from replay.run.config import RunConfig
 from replay.run.runner import execute, versions
 from replay.schedule import arrivals
 from replay.schedule import synthetic as schedule
-from replay.schedule.prompts import DEFAULT_HIGH_ID, DEFAULT_LOW_ID, PromptBuilder
+from replay.schedule.prompts import PromptBuilder
+from replay.schedule.vocab import id_range
 from replay.stats import histogram as H
 
 SCHEMA = 1
@@ -83,8 +84,8 @@ class CapacitySearch:
         self.steps: list[dict[str, Any]] = []
         self.baseline_ttft_s: float | None = None
         self.drain_s = opts.drain_timeout_s or 5.0
-        vocab = getattr(target, "vocab_size", None)
-        self.high_id = min(vocab, DEFAULT_HIGH_ID) if vocab else DEFAULT_HIGH_ID
+        vocab = opts.vocab_size or getattr(target, "vocab_size", None)
+        self.low_id, self.high_id = id_range(vocab)
 
     # --- runs ------------------------------------------------------------------------------------
 
@@ -94,7 +95,7 @@ class CapacitySearch:
             offsets,
             input_tokens=o.input_tokens,
             output_tokens=o.output_tokens,
-            prompts=PromptBuilder(seed, DEFAULT_LOW_ID, self.high_id),  # fresh prompts: no cache reuse
+            prompts=PromptBuilder(seed, self.low_id, self.high_id),  # fresh prompts: no cache reuse
             duration_s=duration_s,
             max_requests=None,
         )

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from replay.cli.vocab_args import add_vocab_args, vocab_problem
 from replay.core.errors import ReplayError
 from replay.run.config import duration_arg
 
@@ -45,6 +46,7 @@ def add_capacity_subparsers(subparsers: Any) -> None:
     p.add_argument("--headroom", type=_fraction, default=0.2, help="spare capacity over the peak (20%%)")
     p.add_argument("--endpoint", default="completions", choices=("completions", "chat"))
     p.add_argument("--model", default=None)
+    add_vocab_args(p)
     p.add_argument(
         "--out", type=Path, default=None, help="output directory (default runs/<stamp>-capacity-…)"
     )
@@ -65,6 +67,7 @@ def add_capacity_subparsers(subparsers: Any) -> None:
 def _options(ns: argparse.Namespace) -> Any:
     from replay.capacity.options import CapacityOptions
     from replay.capacity.slo import parse_slo
+    from replay.schedule.vocab import tokenizer_vocab_size
 
     slo = parse_slo(ns.slo)
     problems = []
@@ -84,6 +87,9 @@ def _options(ns: argparse.Namespace) -> Any:
         problems.append(f"--headroom: must be >= 0, got {ns.headroom}")
     if not 0 < ns.peak_quantile <= 100:
         problems.append(f"--peak-quantile: must be in (0, 100], got {ns.peak_quantile}")
+    bad_vocab = vocab_problem(ns.vocab_size)
+    if bad_vocab:
+        problems.append(bad_vocab)
     if problems:
         raise ReplayError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     return CapacityOptions(
@@ -105,6 +111,7 @@ def _options(ns: argparse.Namespace) -> Any:
         headroom=ns.headroom,
         endpoint=ns.endpoint,
         model=ns.model,
+        vocab_size=tokenizer_vocab_size(ns.tokenizer) if ns.tokenizer else ns.vocab_size,
     )
 
 

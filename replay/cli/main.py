@@ -13,6 +13,7 @@ from typing import Any
 from replay.cli.capacity import add_capacity_subparsers
 from replay.cli.capture import add_record_subparser
 from replay.cli.trace import add_trace_subparser
+from replay.cli.vocab_args import add_vocab_args
 from replay.core.errors import ReplayError
 from replay.run.config import RunConfig, duration_arg
 from replay.schedule import arrivals
@@ -51,6 +52,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model name on the server (default: the first it lists)")
     p.add_argument("--model-dir", default=None, help="model a started vLLM or the in-process target loads")
     p.add_argument("--quiet", action="store_true")
+    add_vocab_args(p)
     t = p.add_argument_group("recorded trace (arrival times and lengths come from the trace)")
     t.add_argument(
         "--trace", type=Path, default=None, help="trace file: Azure, BurstGPT, Mooncake, ..., ours"
@@ -116,6 +118,8 @@ def _config(ns: argparse.Namespace) -> RunConfig:
         loop=ns.loop,
         jitter_s=ns.jitter,
         skip_bad_rows=ns.skip_bad_rows,
+        vocab_size=ns.vocab_size,
+        tokenizer=ns.tokenizer,
     )
 
 
@@ -128,6 +132,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from replay.run.plan import TraceSchedule
     from replay.run.runner import execute, run_in_uvloop
     from replay.scaleout.shard import SyntheticSchedule
+    from replay.schedule.vocab import resolve as resolve_vocab
     from replay.targets.registry import load_target
 
     cfg = _config(ns)
@@ -139,7 +144,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     run_dir = cfg.out or default_run_dir(cfg.target)
     overrides = {"endpoint": cfg.endpoint, "model": cfg.model, "model_dir": ns.model_dir}
     target = load_target(cfg.target, run_dir, overrides)
-    vocab = getattr(target, "vocab_size", None)
+    vocab, _ = resolve_vocab(cfg.vocab_size, cfg.tokenizer, getattr(target, "vocab_size", None))
     recipe: Any
     if cfg.trace is not None:
         recipe = TraceSchedule.from_config(cfg, vocab)
@@ -156,6 +161,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
         result = run_in_uvloop(execute(cfg, target, recipe(), run_dir, offered))
     print(console_table(result.summary))
     print(f"run directory: {result.run_dir}")
+    for hint in result.summary.get("hints", []):
+        print(f"replay: hint: {hint}", file=sys.stderr)
     if result.exit_code == 3:
         print("replay: no request succeeded (see error kinds above)", file=sys.stderr)
     return result.exit_code

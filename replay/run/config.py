@@ -42,6 +42,9 @@ class RunConfig:
     loop: bool = False
     jitter_s: float = 0.0
     skip_bad_rows: bool = False
+    # Prompt token ids stay below this vocabulary size (replay.schedule.vocab); at most one is set.
+    vocab_size: int | None = None
+    tokenizer: Path | None = None
 
     def arrival_spec(self) -> ArrivalSpec:
         return ArrivalSpec(
@@ -94,12 +97,17 @@ class RunConfig:
             out.append(f"--interval: must be > 0 seconds, got {self.interval_s}")
         if self.endpoint not in ("completions", "chat"):
             out.append(f"--endpoint: expected completions or chat, got {self.endpoint!r}")
+        if self.vocab_size is not None and self.vocab_size < 2:
+            out.append(f"--vocab-size: must be >= 2, got {self.vocab_size}")
+        if self.vocab_size is not None and self.tokenizer is not None:
+            out.append("--vocab-size/--tokenizer: give one of them")
         return out
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["out"] = str(self.out) if self.out else None
         d["trace"] = str(self.trace) if self.trace else None
+        d["tokenizer"] = str(self.tokenizer) if self.tokenizer else None
         return d
 
 

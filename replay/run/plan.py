@@ -11,6 +11,7 @@ from replay.core.request import Request
 from replay.run.config import RunConfig
 from replay.schedule.from_trace import schedule_from_trace, trace_timing
 from replay.schedule.prompts import DEFAULT_HIGH_ID, DEFAULT_LOW_ID, PromptBuilder
+from replay.schedule.vocab import id_range
 from replay.trace.formats import load_trace
 
 
@@ -35,6 +36,7 @@ class TraceSchedule:
     @classmethod
     def from_config(cls, cfg: RunConfig, vocab_size: int | None = None) -> TraceSchedule:
         assert cfg.trace is not None
+        low, high = id_range(vocab_size)
         return cls(
             path=Path(cfg.trace),
             fmt=cfg.trace_format,
@@ -47,7 +49,8 @@ class TraceSchedule:
             duration_s=cfg.duration_s,
             max_requests=cfg.requests,
             seed=cfg.seed,
-            high_id=min(vocab_size, DEFAULT_HIGH_ID) if vocab_size else DEFAULT_HIGH_ID,
+            low_id=low,
+            high_id=high,
         )
 
     def trace_file(self):  # noqa: ANN201 - replay.trace.formats.TraceFile

@@ -37,6 +37,7 @@ from replay.schedule import arrivals
 from replay.schedule import synthetic as schedule
 from replay.schedule.arrivals import ArrivalSpec
 from replay.schedule.prompts import DEFAULT_HIGH_ID, DEFAULT_LOW_ID, PromptBuilder
+from replay.schedule.vocab import id_range
 from replay.stats import histogram as H
 from replay.stats.recorder import Counts, Recorder
 from replay.stats.selfcheck import LoopLagMonitor
@@ -63,7 +64,7 @@ class SyntheticSchedule:
     def from_config(cls, cfg: RunConfig, vocab_size: int | None = None) -> SyntheticSchedule:
         """Exactly what `replay.cli.main` builds for `cfg` (same prompt id range for the target's
         vocabulary)."""
-        high = min(vocab_size, DEFAULT_HIGH_ID) if vocab_size else DEFAULT_HIGH_ID
+        low, high = id_range(vocab_size)
         return cls(
             arrival=cfg.arrival_spec(),
             seed=cfg.seed,
@@ -71,6 +72,7 @@ class SyntheticSchedule:
             output_tokens=cfg.output_tokens,
             duration_s=cfg.duration_s,
             max_requests=cfg.requests,
+            low_id=low,
             high_id=high,
             closed_loop=bool(cfg.concurrency),
         )

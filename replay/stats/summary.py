@@ -10,6 +10,7 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 
 from replay.stats import histogram as H
+from replay.stats.hints import hints
 from replay.stats.recorder import LATENCY_METRICS, RATE_METRICS, Counts
 
 SCHEMA_VERSION = 1
@@ -84,6 +85,7 @@ def build_summary(
         "offered_rate_req_s": offered_rate,
         "counts": counts_json(counts),
         "error_examples": error_examples,
+        "hints": hints(counts.errors, error_examples),
         "tokens": {"input": counts.input_tokens, "output": counts.output_tokens},
         "prompt_length_error": prompt_length_error(counts),
         "throughput": throughput(counts),

@@ -26,7 +26,7 @@ import orjson
 
 from replay.core.errors import ReplayError
 from replay.stub.protocol import Conn, error_body
-from replay.stub.stream import Stream, StubConfig
+from replay.stub.stream import Stream, StubConfig, out_of_vocab
 from replay.stub.stream import count_prompt as _count_prompt
 from replay.stub.stream import http_chunk as _http_chunk
 from replay.stub.truth import Fault, Truth
@@ -152,6 +152,11 @@ class StubServer:
             return
         if n < 1:
             conn.respond(400, error_body(400, "max_tokens must be at least 1"), keep_alive)
+            return
+        oov = out_of_vocab(req, self.cfg.vocab_size)
+        if oov is not None:
+            self.truth.out_of_vocab += 1
+            conn.respond(400, error_body(400, oov), keep_alive)
             return
         fault = self._pick_fault(index, req, headers)
         if fault is not None:

@@ -117,12 +117,14 @@ def _parse_args(argv: list[str] | None) -> tuple[StubConfig, str, int]:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--api-key", default=None, help="require this bearer key on /v1/* (like vLLM --api-key)")
+    ap.add_argument("--vocab-size", type=int, default=0,
+                    help="refuse prompt token ids >= N with HTTP 400, as vLLM does (0: any id)")  # fmt: skip
     a = ap.parse_args(argv)
     cfg = StubConfig(ttft_s=a.ttft_ms / 1e3, itl_s=a.itl_ms / 1e3, tokens_per_chunk=a.tokens_per_chunk,
                      max_concurrency=a.max_concurrency, usage=a.usage, continuous_usage=a.continuous_usage,
                      vllm=a.vllm, model=a.model, spin_s=a.spin_ms / 1e3,
                      faults=tuple(parse_fault_rule(f) for f in a.fault), seed=a.seed,
-                     api_key=a.api_key)  # fmt: skip
+                     api_key=a.api_key, vocab_size=a.vocab_size)  # fmt: skip
     return cfg, a.host, a.port
 
 

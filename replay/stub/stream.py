@@ -29,6 +29,8 @@ class StubConfig:
     fault_hook: FaultHook | None = None  # (request index, JSON body) -> fault; for tests
     seed: int = 0
     api_key: str | None = None  # like vLLM --api-key: /v1/* then needs "Authorization: Bearer <key>"
+    # > 0: a prompt token id >= this gets HTTP 400 with vLLM's text ("Token id N is out of vocabulary")
+    vocab_size: int = 0
 
 
 class Stream:
@@ -62,6 +64,16 @@ class Stream:
 
 def http_chunk(body: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(body), body)
+
+
+def out_of_vocab(req: dict[str, Any], vocab_size: int) -> str | None:
+    """vLLM 0.32's refusal of a prompt id outside the vocabulary (renderers/base.py names the
+    largest id), or None. Only token-id prompts are checked: text has no ids to refuse."""
+    prompt = req.get("prompt")
+    if vocab_size <= 0 or not isinstance(prompt, list) or not prompt:
+        return None
+    top = max(prompt)
+    return f"Token id {top} is out of vocabulary" if top >= vocab_size else None
 
 
 def count_prompt(req: dict[str, Any], chat: bool) -> int:

@@ -116,6 +116,7 @@ class Truth:
         self.chunks = 0
         self.writes_while_paused = 0  # writes into a full socket buffer: the client was not reading
         self.faults: Counter[str] = Counter()
+        self.out_of_vocab = 0  # refused: a prompt token id >= --vocab-size (HTTP 400, as vLLM)
         # Per request: (t_received, t_admitted, t_first_token, t_end, tokens), perf_counter seconds;
         # the latest DETAIL_KEEP only, so a soak run's memory stays bounded.
         self.requests: deque[tuple[float, float | None, float | None, float | None, int]] = deque(
@@ -161,6 +162,7 @@ class Truth:
             "chunks": self.chunks,
             "writes_while_paused": self.writes_while_paused,
             "faults": dict(self.faults),
+            "out_of_vocab": self.out_of_vocab,
             "ttft_ms": H.summary_ms(self.ttft),
             "itl_ms": H.summary_ms(self.itl),
             "queue_ms": H.summary_ms(self.queue),
