@@ -110,3 +110,74 @@ def test_random_events_against_reference() -> None:
             parts.append(b"data: " + p.encode() + eol + eol)
         stream = b"".join(parts)
         assert decode_all(random_splits(stream, rng))[0] == payloads
+
+
+def reference(stream: bytes) -> list[bytes]:
+    """The spec's line-by-line algorithm, written plainly, as the truth for the decoder's fast path."""
+    if stream.startswith(b"\xef\xbb\xbf"):
+        stream = stream[3:]
+    lines = stream.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    lines.pop()  # after the last line end: unterminated, dropped
+    out: list[bytes] = []
+    data: list[bytes] | None = None
+    for line in lines:
+        if line == b"":
+            if data is not None:
+                out.append(b"\n".join(data))
+            data = None
+            continue
+        name, colon, value = line.partition(b":")
+        if name == b"data":
+            data = (data or []) + [value[1:] if value.startswith(b" ") else value]
+    if data is not None:
+        out.append(b"\n".join(data))  # flush: the event missing only its blank line
+    return out
+
+
+def test_bytes_api_against_the_plain_algorithm() -> None:
+    """Events of every shape (one line, several data lines, `data:` without its space, bare `data`,
+    comments and other fields between, runs of blank lines), every line ending, random splits: the
+    bytes the fast path returns are exactly what the line-by-line algorithm gives."""
+    rng = random.Random(23)
+    shapes = [
+        lambda p: [b"data: " + p],
+        lambda p: [b"data: " + p, b"data: " + p[::-1]],
+        lambda p: [b"data:" + p],
+        lambda p: [b"data"],
+        lambda p: [b": ping", b"data: " + p],
+        lambda p: [b"event: x", b"data: " + p, b"id: 3"],
+        lambda p: [b"retry: 5"],  # no data: dispatches nothing
+    ]
+    for _ in range(400):
+        eol = rng.choice([b"\n", b"\r\n", b"\r"])
+        parts = []
+        for _ in range(rng.randint(1, 8)):
+            p = bytes(rng.choice(b"ab {}:\xc3\xa9") for _ in range(rng.randint(0, 12)))
+            parts.append(eol.join(rng.choice(shapes)(p)) + eol * rng.randint(2, 4))
+        stream = b"".join(parts)
+        if rng.random() < 0.3:
+            stream = stream[: rng.randint(1, len(stream))]  # cut anywhere
+        want = reference(stream)
+        for pieces in ([stream], random_splits(stream, rng) if len(stream) > 1 else [stream]):
+            d = SSEDecoder()
+            got = [e for p in pieces for e in d.events(p)] + d.flush_events()
+            assert got == want, (stream, pieces)
+            assert all(isinstance(e, bytes) for e in got)
+            # The same pieces handed over a few at a time (as one socket read's HTTP chunks are).
+            d = SSEDecoder()
+            got = []
+            for i in range(0, len(pieces), 3):
+                got += d.events_of(pieces[i : i + 3])
+            assert got + d.flush_events() == want, (stream, pieces)
+
+
+def test_one_event_per_piece_fast_path_keeps_order_and_state() -> None:
+    """Token streams arrive one event per HTTP chunk; pieces that are not exactly one event (a split
+    event, a comment, CRLF, a multi-line event) go the slow way, and the order of events holds."""
+    ev = [b"data: %d\n\n" % i for i in range(6)]
+    pieces = [b"\xef\xbb\xbf" + ev[0], ev[1], b"data: 2", b"\n\n", ev[3], b": ping\n\n", b"data: 4\r\n\r\n",
+              b"data: x\ndata: y\n\n", ev[5], b"data: 6\n"]  # fmt: skip
+    d = SSEDecoder()
+    got = d.events_of(pieces[:4]) + d.events_of(pieces[4:]) + d.flush_events()
+    assert got == [b"0", b"1", b"2", b"3", b"4", b"x\ny", b"5", b"6"]
+    assert d.events_of([b"data: [DONE]\n\n"]) == [b"[DONE]"]
