@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import orjson
 import pytest
 
 from replay.core.errors import ReplayError
@@ -126,3 +128,29 @@ def test_for_request_and_mooncake_sample_sharing():
     for i in range(1, 4):
         assert ids[0][:512] == ids[i][:512]
         assert common_prefix(ids[0], ids[i]) < 513
+
+
+def test_prompt_pieces_render_the_same_ids_as_json():
+    pb = PromptBuilder(5)
+    for n, hashes in [(1000, (1, 2, 3)), (1536, (1, 2, 3)), (2000, (1, 2)), (20_000, ()), (0, ())]:
+        ids = pb.prompt(9, n, hashes, 512)
+        assert len(ids) == n
+        ref = PromptBuilder(5).prefix_token_ids(9, n, hashes, 512)
+        assert orjson.loads(ids.json()) == ids.tolist() == ref
+        assert orjson.loads(ids.json(b'{"prompt":[', b"]}")) == {"prompt": ids.tolist()}
+
+
+def test_unique_ids_are_one_draw_of_the_request_generator():
+    # The documented definition, unchanged by making the ids in chunks: rng([seed, id]) drawn once.
+    for n in (1, 8191, 8192, 8193, 30_000):
+        ref = np.random.default_rng([4, 17]).integers(DEFAULT_LOW_ID, DEFAULT_HIGH_ID, size=n).tolist()
+        assert PromptBuilder(4).token_ids(17, n) == ref
+
+
+def test_a_block_is_made_once_and_shared_by_every_prompt_naming_it():
+    pb = PromptBuilder(0)
+    a, b = pb.prompt(0, 1024, (7, 8), 512), pb.prompt(1, 1024, (7, 9), 512)
+    assert a.pieces[0] is b.pieces[0] and a.pieces[1] is not b.pieces[1]
+    steps = list(a.steps())  # one step per piece not yet made
+    assert len(steps) == 2 and all(p.ready for p in a.pieces)
+    assert len(list(b.steps())) == 1  # block 7 was made for a

@@ -11,16 +11,23 @@ length L with hash ids h1..hk gets block(h1) + ... + block(hk) cut to L tokens; 
 cover fewer than L tokens the rest comes from the request's own unique stream. The builder seed
 is part of every block's seed: rerunning with the same seed against a server that kept its cache
 finds those prefixes already cached, so change the seed (or restart the server) for a cold run.
+
+`prompt()` returns the ids as a `TokenIds` chain of lazily made pieces (cached blocks, chunks of
+the request's own stream) rather than a list: a schedule stays cheap to iterate, and the body of
+a 120k-token request is a join of JSON fragments made once per block (see replay.core.prompt).
+`token_ids` / `prefix_token_ids` give the same ids as lists.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from functools import partial
 
 import numpy as np
 
 from replay.core.errors import ReplayError
+from replay.core.prompt import Piece, TokenIds
 from replay.core.request import Request
 
 # Below this id most vocabularies keep special and byte tokens; stay clear of them.
@@ -30,8 +37,10 @@ DEFAULT_LOW_ID = 256
 DEFAULT_HIGH_ID = 4_096
 # Tag mixed into block seeds so a block stream never equals a per-request stream.
 _BLOCK_DOMAIN = 0x70726566  # "pref"
-# Cached block tokens, in total: 16 M int32 = 64 MiB.
-_CACHE_TOKENS = 1 << 24
+# Cached block tokens, in total: 8 M, ~72 MiB once made (int32 ids + ~5 bytes of JSON text each).
+_CACHE_TOKENS = 1 << 23
+# A request's own (unique) ids are made in chunks of this many: one chunk is ~0.1 ms of work.
+STREAM_CHUNK = 8192
 
 
 class PromptBuilder:
@@ -43,29 +52,38 @@ class PromptBuilder:
         self.seed = seed
         self.low_id = low_id
         self.high_id = high_id
-        self._blocks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._blocks: OrderedDict[tuple[int, int], Piece] = OrderedDict()
         self._cached_tokens = 0
 
     def token_ids(self, request_id: int, n: int) -> list[int]:
-        rng = np.random.default_rng([self.seed, request_id])
-        return rng.integers(self.low_id, self.high_id, size=n).tolist()
+        return TokenIds(self.stream(request_id, n)).tolist()
+
+    def stream(self, request_id: int, n: int) -> list[Piece]:
+        """The first `n` ids of the request's own stream, as pieces of at most STREAM_CHUNK ids.
+        One generator drawn chunk after chunk gives the same ids as one draw of `n`."""
+        state = _Stream(np.random.default_rng([self.seed, request_id]), self.low_id, self.high_id)
+        sizes = [min(STREAM_CHUNK, n - at) for at in range(0, n, STREAM_CHUNK)]
+        return [Piece(k, partial(state.chunk, i, k)) for i, k in enumerate(sizes)]
 
     def block(self, hash_id: int, block_size: int) -> np.ndarray:
         """The `block_size` token ids of prefix block `hash_id` (read-only; LRU-cached)."""
+        return self.block_piece(hash_id, block_size).ids
+
+    def block_piece(self, hash_id: int, block_size: int) -> Piece:
+        """Prefix block `hash_id` as a shared piece (LRU-cached, made on first use)."""
         key = (hash_id, block_size)
         got = self._blocks.get(key)
         if got is not None:
             self._blocks.move_to_end(key)
             return got
-        rng = np.random.default_rng([self.seed, _BLOCK_DOMAIN, hash_id, block_size])
-        arr = rng.integers(self.low_id, self.high_id, size=block_size).astype(np.int32)
-        arr.flags.writeable = False
-        self._blocks[key] = arr
+        piece = Piece(block_size, partial(_draw, (self.seed, _BLOCK_DOMAIN, hash_id, block_size), self.low_id,
+                                          self.high_id, block_size))  # fmt: skip
+        self._blocks[key] = piece
         self._cached_tokens += block_size
         while self._cached_tokens > _CACHE_TOKENS and len(self._blocks) > 1:
             _, old = self._blocks.popitem(last=False)
-            self._cached_tokens -= len(old)
-        return arr
+            self._cached_tokens -= old.size
+        return piece
 
     def prefix_token_ids(
         self,
@@ -76,11 +94,25 @@ class PromptBuilder:
         *,
         require_full_coverage: bool = False,
     ) -> list[int]:
+        """`prompt()` as a list."""
+        return self.prompt(
+            request_id, n, hash_ids, block_size, require_full_coverage=require_full_coverage
+        ).tolist()
+
+    def prompt(
+        self,
+        request_id: int,
+        n: int,
+        hash_ids: Sequence[int] = (),
+        block_size: int = 0,
+        *,
+        require_full_coverage: bool = False,
+    ) -> TokenIds:
         """Exactly `n` ids: the hash ids' blocks in order, cut at `n`; any remainder is unique to
         the request. `require_full_coverage` turns a remainder into an error, for traces whose
-        hash ids are meant to hash the whole prompt."""
+        hash ids are meant to hash the whole prompt. Nothing is drawn until the pieces are used."""
         if not hash_ids:
-            return self.token_ids(request_id, n)
+            return TokenIds(self.stream(request_id, n))
         if block_size <= 0:
             raise ReplayError(f"request {request_id}: hash ids given with block size {block_size}")
         covered = len(hash_ids) * block_size
@@ -90,18 +122,56 @@ class PromptBuilder:
                 f"cover {covered}, input length is {n}"
             )
         need = min(len(hash_ids), -(-n // block_size))
-        parts = [self.block(h, block_size) for h in hash_ids[:need]]
-        ids = np.concatenate(parts)[:n].tolist() if parts else []
-        if len(ids) < n:
-            ids.extend(self.token_ids(request_id, n - len(ids)))
-        return ids
+        pieces = [self.block_piece(h, block_size) for h in hash_ids[:need]]
+        got = need * block_size
+        if got > n:  # the last block is cut
+            last = pieces[-1]
+            keep = block_size - (got - n)
+            pieces[-1] = Piece(keep, partial(_head, last, keep))
+            got = n
+        if got < n:
+            pieces += self.stream(request_id, n - got)
+        return TokenIds(pieces)
 
-    def for_request(self, req: Request, *, require_full_coverage: bool = False) -> list[int]:
+    def for_request(self, req: Request, *, require_full_coverage: bool = False) -> TokenIds:
         """The prompt ids for a scheduled request: prefix blocks when it names hash ids, else unique."""
-        return self.prefix_token_ids(
+        return self.prompt(
             req.id,
             req.input_tokens,
             req.prefix_hash_ids,
             req.prefix_block_size,
             require_full_coverage=require_full_coverage,
         )
+
+
+def _draw(key: tuple[int, ...], low: int, high: int, n: int) -> np.ndarray:
+    return np.random.default_rng(list(key)).integers(low, high, size=n).astype(np.int32)
+
+
+def _head(piece: Piece, n: int) -> np.ndarray:
+    return piece.ids[:n]
+
+
+class _Stream:
+    """One request's own generator, drawn in order chunk by chunk as its pieces are made."""
+
+    __slots__ = ("rng", "low", "high", "next", "drawn")
+
+    def __init__(self, rng: np.random.Generator, low: int, high: int) -> None:
+        self.rng = rng
+        self.low = low
+        self.high = high
+        self.next = 0  # index of the next chunk to draw
+        self.drawn: dict[int, np.ndarray] = {}  # drawn ahead of their piece (made out of order)
+
+    def chunk(self, i: int, size: int) -> np.ndarray:
+        """Chunk `i` (every chunk before the last is STREAM_CHUNK long; the last is `size`)."""
+        while self.next < i:
+            self.drawn[self.next] = self._draw(STREAM_CHUNK)
+        if self.next == i:
+            return self._draw(size)
+        return self.drawn.pop(i)
+
+    def _draw(self, n: int) -> np.ndarray:
+        self.next += 1
+        return self.rng.integers(self.low, self.high, size=n).astype(np.int32)
