@@ -85,7 +85,7 @@ def light_load_run(vllm: bool) -> list[str]:
     # Causality: no token is read before the stub wrote it. Sorted against sorted holds under any
     # pairing, so no request matching is needed.
     client_first = np.sort([r.first_token_s for r in recs])
-    stub_first = np.sort([t_first for _, _, t_first, _, _ in truth["requests"]])
+    stub_first = np.sort([t_first for _, _, t_first, _, _, _ in truth["requests"]])
     lag_ms = (client_first - stub_first) * 1e3
     assert lag_ms.min() >= 0.0, lag_ms
 

@@ -47,7 +47,7 @@ async def test_completion_stream_shape_and_schedule() -> None:
     async with start_stub(ttft_s=0.02, itl_s=0.005, tokens_per_chunk=3, continuous_usage=True) as stub, \
             aiohttp.ClientSession() as s:  # fmt: skip
         _, ev = await stream(s, stub.base_url + "/completions", body(n=8))
-        ((t_recv, t_admit, t_first, t_end, tokens),) = stub.truth.requests
+        ((t_recv, t_admit, t_first, t_end, tokens, rid),) = stub.truth.requests
     content = [(t, e) for t, e in ev if isinstance(e, dict) and e["choices"]]
     # 8 tokens in chunks of 3: 3, 3, 2; continuous usage counts up; the last has finish_reason.
     assert [e["choices"][0]["text"] for _, e in content] == [" tok" * 3, " tok" * 3, " tok" * 2]
@@ -57,7 +57,7 @@ async def test_completion_stream_shape_and_schedule() -> None:
     assert final["choices"] == [] and final["usage"] == {"prompt_tokens": 4, "total_tokens": 12,
                                                          "completion_tokens": 8}  # fmt: skip
     assert ev[-1][1] == "[DONE]"
-    assert tokens == 8 and t_admit == t_recv
+    assert tokens == 8 and t_admit == t_recv and rid is None  # no id sent
     # Chunk j is due 20 ms + j * 3 * 5 ms after receipt (absolute schedule): never read before it,
     # and (a quiet machine permitting) read within a few ms of it.
     times = [t - t_recv for t, _ in content]
@@ -86,14 +86,14 @@ async def test_queueing_under_max_concurrency_is_fifo_and_known() -> None:
         truth = stub.truth.summary(detail=True)
     assert truth["served"] == 6 and truth["queue_ms"]["count"] == 6
     reqs = sorted(truth["requests"], key=lambda r: r[1])  # by admission
-    for _, admit, first, _, _ in reqs:
+    for _, admit, first, _, _, _ in reqs:
         assert 0.020 <= first - admit < 0.025  # the schedule starts at admission
-    served_ttft = [first - recv for recv, _, first, _, _ in reqs]
+    served_ttft = [first - recv for recv, _, first, _, _, _ in reqs]
     for got, want in zip(served_ttft, [0.020, 0.020, 0.085, 0.085, 0.150, 0.150], strict=True):
         assert abs(got - want) < 0.005, served_ttft  # receipts differ by a little
     # A queued request is admitted when an earlier one writes its last token (FIFO, no gap).
-    ends = sorted(end for _, _, _, end, _ in reqs)
-    for (_, admit, _, _, _), end in zip(reqs[2:], ends, strict=False):
+    ends = sorted(end for _, _, _, end, _, _ in reqs)
+    for (_, admit, _, _, _, _), end in zip(reqs[2:], ends, strict=False):
         assert 0 <= admit - end < 0.002
     # The client sees at least what was served (it sent before receipt, reads after writing).
     client = sorted(ev[0][0] - t0 for t0, ev in res)
@@ -115,6 +115,20 @@ async def test_truth_endpoint_and_reset() -> None:
         async with s.get(f"http://127.0.0.1:{stub.port}/stub/truth") as r:
             truth = await r.json()
         assert truth["served"] == 0 and truth["ttft_ms"]["p50"] is None
+
+
+async def test_truth_detail_carries_the_clients_request_id() -> None:
+    """vLLM's `request_id` body field or the X-Request-Id header, kept per request (None without)."""
+    async with start_stub(ttft_s=0.001, itl_s=0.001) as stub, aiohttp.ClientSession() as s:
+        url = stub.base_url + "/completions"
+        await stream(s, url, body(n=2, request_id="r-7"))
+        await stream(s, url, body(n=3), headers={"x-request-id": "h-9"})
+        await stream(s, url, body(n=4))
+        async with s.post(url, json={"prompt": "a", "max_tokens": 2, "request_id": 5}) as r:
+            assert r.status == 200  # not streamed
+        async with s.get(f"http://127.0.0.1:{stub.port}/stub/truth?detail=1") as r:
+            rows = (await r.json())["requests"]
+    assert [(row[4], row[5]) for row in rows] == [(2, "r-7"), (3, "h-9"), (4, None), (2, "5")]
 
 
 async def test_routes_and_errors() -> None:

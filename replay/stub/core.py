@@ -44,6 +44,16 @@ _STREAM_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=ut
                 b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n")  # fmt: skip
 
 
+def _request_id(req: dict[str, Any], headers: dict[bytes, bytes]) -> str | None:
+    """The client's own id for the request, as vLLM takes it (`request_id` in the body, or the
+    `X-Request-Id` header), kept in the per-request truth so a test can pair its records one to one."""
+    rid = req.get("request_id")
+    if rid is not None:
+        return str(rid)
+    hdr = headers.get(b"x-request-id")
+    return hdr.decode("latin-1") if hdr else None
+
+
 class StubServer:
     def __init__(self, cfg: StubConfig) -> None:
         if cfg.tokens_per_chunk < 1 or cfg.ttft_s < 0 or cfg.itl_s < 0 or cfg.max_concurrency < 0:
@@ -167,6 +177,7 @@ class StubServer:
                 return
         s = Stream(conn, t_recv, keep_alive)
         s.n, s.chat, s.prompt_tokens, s.fault = n, chat, prompt_tokens, fault
+        s.request_id = _request_id(req, headers)
         s.stream = bool(req.get("stream"))
         opts = req.get("stream_options") or {}
         s.usage = s.stream and self.cfg.usage and bool(opts.get("include_usage"))
@@ -347,7 +358,8 @@ class StubServer:
     def _finish_truth(self, s: Stream, now: float) -> None:
         self.truth.e2e.record_value(int((now - s.t_recv) * 1e6))
         first = s.t_first if s.stream else now
-        self.truth.requests.append((s.t_recv, s.t_admit, first, now, s.sent if s.stream else s.n))
+        tokens = s.sent if s.stream else s.n
+        self.truth.requests.append((s.t_recv, s.t_admit, first, now, tokens, s.request_id))
 
     def lost(self, conn: Conn) -> None:
         """The client closed the connection; an unfinished stream stops and frees its slot."""

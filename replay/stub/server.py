@@ -4,7 +4,9 @@ Each streamed request gets its first content chunk at `admit + ttft` and chunk j
 `admit + ttft + j*k*itl` (k = tokens per chunk), on an absolute schedule, so lateness never
 accumulates; `admit` is when the request was received, or when it left the FIFO queue under
 `max_concurrency` (known, injected queueing). The stub records what it really wrote (see
-truth.py): GET /stub/truth gives counts and HDR percentiles, POST /stub/reset clears them.
+truth.py): GET /stub/truth gives counts and HDR percentiles (with ?detail=1 also one record per
+request: receipt, admission, first token written, end, tokens, and the client's `request_id` body
+field or X-Request-Id header, so a test pairs its records with the stub's), POST /stub/reset clears them.
 
     python -m replay.stub.server --port 8000 --ttft-ms 20 --itl-ms 5 [--tokens-per-chunk K]
         [--max-concurrency C] [--usage/--no-usage] [--continuous-usage] [--vllm] [--fault SPEC:PROB]

@@ -38,7 +38,7 @@ class Stream:
 
     __slots__ = (
         "conn", "n", "sent", "base", "t_recv", "t_admit", "t_first", "t_prev", "head", "chat", "stream",
-        "usage", "continuous", "prompt_tokens", "fault", "dead", "admitted", "keep_alive",
+        "usage", "continuous", "prompt_tokens", "fault", "dead", "admitted", "keep_alive", "request_id",
     )  # fmt: skip
 
     def __init__(self, conn: Conn, t_recv: float, keep_alive: bool) -> None:
@@ -60,6 +60,7 @@ class Stream:
         self.fault: Fault | None = None
         self.dead = False
         self.admitted = False
+        self.request_id: str | None = None  # the client's own id (vLLM's request_id / X-Request-Id)
 
 
 def http_chunk(body: bytes) -> bytes:

@@ -117,9 +117,10 @@ class Truth:
         self.writes_while_paused = 0  # writes into a full socket buffer: the client was not reading
         self.faults: Counter[str] = Counter()
         self.out_of_vocab = 0  # refused: a prompt token id >= --vocab-size (HTTP 400, as vLLM)
-        # Per request: (t_received, t_admitted, t_first_token, t_end, tokens), perf_counter seconds;
-        # the latest DETAIL_KEEP only, so a soak run's memory stays bounded.
-        self.requests: deque[tuple[float, float | None, float | None, float | None, int]] = deque(
+        # Per request: (t_received, t_admitted, t_first_token, t_end, tokens, client request id or
+        # None), perf_counter seconds (CLOCK_MONOTONIC: the clock of every process on the host); the
+        # latest DETAIL_KEEP only, so a soak run's memory stays bounded.
+        self.requests: deque[tuple[float, float | None, float | None, float | None, int, str | None]] = deque(
             maxlen=self.DETAIL_KEEP
         )
 
