@@ -27,10 +27,11 @@ $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "$(TORCH_PKG)"
-	$(PIP) install -q "$(VLLM_PKG)" -e ".[dev,ray]"
+	@# Everything: the core plus every extra (pyproject.toml); `pip install .` alone is the HTTP-only core.
+	$(PIP) install -q "$(VLLM_PKG)" -e ".[local,gpu,ray,dev]"
 	@# PyPI's torchvision/torchaudio/torchcodec builds break `import transformers` beside this torch.
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
-	$(PY) -c "import vllm, transformers, torch, uvloop, hdrh; print('venv ready: torch', torch.__version__, 'transformers', transformers.__version__)"
+	$(PY) -c "import vllm, transformers, torch, uvloop, hdrh, plotly, playwright; print('venv ready: torch', torch.__version__, 'transformers', transformers.__version__)"
 	@touch $@
 
 model: $(MODEL_DIR)/config.json

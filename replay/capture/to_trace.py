@@ -24,6 +24,7 @@ from typing import IO, Any
 
 import orjson
 
+from replay.core import extras
 from replay.core.errors import ReplayError
 from replay.trace.model import TraceRecord, make_header
 
@@ -102,6 +103,7 @@ def load_encoder(spec: str) -> Encoder:
     """Text -> token ids with a tokenizer.json file or a local HF model directory; for chat with a
     directory, the model's chat template is applied (what the server tokenizes)."""
     path = Path(spec)
+    extras.require("local", f"--tokenizer {spec}", *(("tokenizers",) if path.is_file() else extras.LOCAL[1:]))
     try:
         if path.is_file():
             from tokenizers import Tokenizer

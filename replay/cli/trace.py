@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from replay.core import extras
 from replay.core.errors import ReplayError
 from replay.run.config import duration_arg
 from replay.schedule import arrivals
@@ -79,6 +80,7 @@ def add_trace_subparser(subparsers: Any) -> argparse.ArgumentParser:
 def token_counter(spec: str) -> Callable[[str], int]:
     """A text -> token count function from a tokenizer.json file or a local HF model directory."""
     path = Path(spec)
+    extras.require("local", f"tokenizer {spec}", *(("tokenizers",) if path.is_file() else extras.LOCAL[1:]))
     try:
         if path.is_file():
             from tokenizers import Tokenizer

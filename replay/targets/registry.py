@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from replay.core import extras
 from replay.core.errors import ReplayError
 from replay.core.target import Target
 
@@ -126,6 +127,7 @@ def build_config(cls: type, values: Mapping[str, Any], path: Path, text: str) ->
 
 def _resolve_model(value: str) -> str:
     if value == BUILTIN_TINY:
+        extras.require("local", "building the built-in tiny model", *extras.LOCAL)
         from replay.targets import tiny_model
 
         return str(tiny_model.build())
@@ -188,6 +190,7 @@ def load_target(name_or_url: str, run_dir: Path, overrides: Mapping[str, Any] | 
 
         cfg = build_config(HTTPTargetConfig, values, path, text)
         return OpenAIHTTPTarget(cfg)
+    extras.require("local", f"{path}: the in-process transformers target", *extras.LOCAL)
     from replay.targets import transformers_local as tl
 
     cfg = build_config(tl.TransformersTargetConfig, values, path, text)

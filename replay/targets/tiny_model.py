@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from replay.core import extras
 from replay.core.errors import ReplayError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"model directory (default {DEFAULT_DIR})")
     args = ap.parse_args(argv)
     try:
+        extras.require("local", "building the tiny model", *extras.LOCAL)
         fp = fingerprint()
         if is_built(args.out, fp):
             print(f"{args.out}: up to date ({fp})")
