@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from replay.core.prompt import TokenIds
+
 OK = "ok"
 ERROR = "error"
 NOT_SENT = "not_sent"
@@ -25,17 +27,22 @@ _EMPTY = np.zeros(0)
 
 @dataclass(slots=True)
 class Request:
-    """One scheduled request. `intended_s` is its offset from run start on the absolute timeline."""
+    """One scheduled request. `intended_s` is its offset from run start on the absolute timeline.
+
+    `prepared` is the target's wire form of it (an HTTP body), made ahead of its send time by the
+    engine's look-ahead through the target's optional `prepare()`; None: the target makes it at send.
+    """
 
     id: int
     intended_s: float
     input_tokens: int
     output_tokens: int
     prompt_text: str | None = None
-    prompt_token_ids: list[int] | None = None
+    prompt_token_ids: list[int] | TokenIds | None = None
     session_id: str | None = None
     prefix_hash_ids: tuple[int, ...] = ()
     prefix_block_size: int = 0
+    prepared: bytes | None = None
 
 
 @dataclass(slots=True)

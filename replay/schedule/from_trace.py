@@ -171,7 +171,7 @@ def _requests(
         hash_ids = rec.hash_ids if p == 0 else tuple(h + p * HASH_ID_LIMIT for h in rec.hash_ids)
         ids = rec.prompt_token_ids
         if ids is None and rec.prompt_text is None and prompts is not None:
-            ids = prompts.prefix_token_ids(
+            ids = prompts.prompt(
                 i, rec.input_tokens, hash_ids, rec.block_size, require_full_coverage=require_full_coverage
             )
         sid = rec.session_id if p == 0 or rec.session_id is None else f"{rec.session_id}#{p}"

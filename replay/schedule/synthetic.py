@@ -41,7 +41,7 @@ def synthetic(
             intended_s=t,
             input_tokens=input_tokens,
             output_tokens=output_tokens,
-            prompt_token_ids=prompts.token_ids(i, input_tokens),
+            prompt_token_ids=prompts.prompt(i, input_tokens),
         )
 
 

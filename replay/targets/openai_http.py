@@ -27,6 +27,7 @@ import orjson
 
 from replay.core import errors
 from replay.core.errors import ReplayError
+from replay.core.prompt import TokenIds
 from replay.core.request import ERROR, OK, Request, RequestRecord
 from replay.targets.http_config import ENDPOINTS, HTTPTargetConfig
 from replay.targets.http_failures import Failure as _Failure
@@ -173,16 +174,23 @@ class OpenAIHTTPTarget:
 
     # ---- requests ------------------------------------------------------------------------------------------
 
+    def prepare(self, request: Request) -> bytes:
+        """The request's body, made ahead of its send time (the engine's look-ahead calls this)."""
+        return self._body(request)
+
     def _body(self, request: Request) -> bytes:
         n = request.output_tokens
         body: dict[str, Any] = {"model": self.model, "max_tokens": n, "stream": True}
+        ids = request.prompt_token_ids
         if self._chat:
             text = request.prompt_text
             if text is None:
                 text = self._words(request)
             body["messages"] = [{"role": "user", "content": text}]
-        elif request.prompt_token_ids is not None:
-            body["prompt"] = request.prompt_token_ids
+        elif isinstance(ids, TokenIds):
+            pass  # the ids' cached JSON fragments are joined straight into the body, below
+        elif ids is not None:
+            body["prompt"] = ids
         else:
             body["prompt"] = request.prompt_text if request.prompt_text is not None else self._words(request)
         if self.vllm_extensions:
@@ -192,6 +200,8 @@ class OpenAIHTTPTarget:
             body["min_tokens"] = n
         else:
             body["stream_options"] = {"include_usage": True}
+        if not self._chat and isinstance(ids, TokenIds):
+            return ids.json(orjson.dumps(body)[:-1] + b',"prompt":[', b"]}")
         return orjson.dumps(body)
 
     def _words(self, request: Request) -> str:
@@ -214,7 +224,7 @@ class OpenAIHTTPTarget:
         session = self._session
         if session is None:
             raise ReplayError(f"{self.name}: send() before start()")
-        body = self._body(request)
+        body = request.prepared if request.prepared is not None else self._body(request)
         task = asyncio.current_task()
         assert task is not None
         if record.sent_s is None:
