@@ -3,10 +3,9 @@
 Timing: `sent_s` just before the POST is issued, `first_byte_s` when the response headers are in,
 one chunk per SSE event stamped when the bytes that completed it were read (events that arrive
 in one read share its stamp: they did arrive together), `end_s` when [DONE] (or EOF) arrives.
-The body is parsed incrementally (SSEDecoder + orjson), never buffered whole.
-
-Tokens per chunk: with vLLM's continuous usage stats, the increase of usage.completion_tokens
-(a chunk carrying several tokens counts as several); otherwise one per chunk with non-empty text.
+The generation POSTs go through `http_stream` (a lean HTTP/1.1 client that frames the stream as
+it is read; see openai_stream.py for what is taken from each event); the probes (GET /v1/models,
+/version) use aiohttp.
 
 Deadlines (first token, stall, total) share one lazily re-armed timer per request: a chunk only
 stores its time, and when the timer fires it re-checks the real deadline and re-arms if that is
@@ -18,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import time
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,16 +30,15 @@ from replay.core.errors import ReplayError
 from replay.core.prompt import TokenIds
 from replay.core.request import ERROR, OK, Request, RequestRecord
 from replay.targets.http_config import ENDPOINTS, HTTPTargetConfig
-from replay.targets.http_failures import Failure as _Failure
 from replay.targets.http_failures import Watchdog as _Watchdog
 from replay.targets.http_failures import map_exception
-from replay.targets.sse import SSEDecoder
+from replay.targets.http_stream import Conn, Pool
+from replay.targets.openai_stream import OpenAIStream
 
 __all__ = ["ENDPOINTS", "HTTPTargetConfig", "OpenAIHTTPTarget", "map_exception"]
 
 log = logging.getLogger(__name__)
 
-_JSON = {"Content-Type": "application/json"}
 _DETAIL_MAX = 200
 
 
@@ -60,7 +59,9 @@ class OpenAIHTTPTarget:
         self.notes: list[str] = []
         self._chat = cfg.endpoint == "chat"
         self._url = self.base_url + ("/chat/completions" if self._chat else "/completions")
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # the probes
+        self._pool: Pool | None = None  # the generation requests
+        self._head = b""  # request line and headers up to Content-Length's value
         self._noted_ids_as_words = False
 
     # ---- lifecycle -----------------------------------------------------------------------------------------
@@ -81,6 +82,16 @@ class OpenAIHTTPTarget:
             headers=headers,
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s),
         )
+        url = urlsplit(self._url)
+        https = url.scheme == "https"
+        port = url.port or (443 if https else 80)
+        tls = ssl.create_default_context() if https else None
+        self._pool = Pool(url.hostname or "", port, self.cfg.pool_size, self.cfg.connect_timeout_s, tls)
+        lines = [f"POST {url.path}{'?' + url.query if url.query else ''} HTTP/1.1",
+                 f"Host: {url.netloc.rpartition('@')[2]}", "User-Agent: replay", "Accept: text/event-stream",
+                 "Content-Type: application/json", *(f"{k}: {v}" for k, v in headers.items()),
+                 "Content-Length: "]  # fmt: skip
+        self._head = "\r\n".join(lines).encode("latin-1")
         try:
             await self._probe()
         except BaseException:
@@ -88,6 +99,9 @@ class OpenAIHTTPTarget:
             raise
 
     async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -221,8 +235,8 @@ class OpenAIHTTPTarget:
     async def send(self, request: Request, record: RequestRecord) -> None:
         """Stream one request into `record`. Request-level failures become error kinds; cancellation is
         recorded and re-raised."""
-        session = self._session
-        if session is None:
+        pool = self._pool
+        if pool is None:
             raise ReplayError(f"{self.name}: send() before start()")
         body = request.prepared if request.prepared is not None else self._body(request)
         task = asyncio.current_task()
@@ -230,18 +244,12 @@ class OpenAIHTTPTarget:
         if record.sent_s is None:
             record.sent_s = time.perf_counter()
         wd = _Watchdog(asyncio.get_running_loop(), task, record.sent_s, self.cfg)
-        resp: aiohttp.ClientResponse | None = None
+        conn: Conn | None = None
         ok = False
         try:
-            resp = await session.post(self._url, data=body, headers=_JSON)
-            record.first_byte_s = time.perf_counter()
-            record.http_status = resp.status
-            if resp.status != 200:
-                raise _Failure(errors.http_status_kind(resp.status), await _error_detail(resp), resp.status)
-            if resp.content_type != "text/event-stream":
-                got = resp.content_type or "no content type"
-                raise _Failure(errors.MALFORMED, f"expected text/event-stream, got {got}")
-            await self._read_stream(resp, record, wd)
+            conn = await pool.acquire()
+            stream = OpenAIStream(record, wd, self._chat, bool(self.vllm_extensions))
+            await conn.request(self._head + b"%d\r\n\r\n" % len(body), body, stream)
             record.status = OK
             ok = True
         except asyncio.CancelledError:
@@ -255,104 +263,9 @@ class OpenAIHTTPTarget:
             _fail(record, kind, detail)
         finally:
             wd.cancel()
-            if resp is not None:
-                if ok:
-                    resp.release()  # read to EOF: the connection goes back to the pool
-                else:
-                    resp.close()  # mid-stream: the connection cannot be reused
+            if conn is not None:
+                pool.release(conn, ok)  # kept only when its response ended cleanly
         record.finish_tokens()
-
-    async def _read_stream(self, resp: aiohttp.ClientResponse, record: RequestRecord, wd: _Watchdog) -> None:
-        decoder = SSEDecoder()
-        content = resp.content
-        chat = self._chat
-        continuous = bool(self.vllm_extensions)
-        loads = orjson.loads
-        perf = time.perf_counter
-        done = finished = False
-        prev_completion = 0
-        payload = ""
-        try:
-            while True:
-                data = await content.readany()
-                t = perf()
-                for payload in decoder.feed(data) if data else decoder.flush():
-                    if done:
-                        continue  # nothing counts after [DONE]
-                    if payload == "[DONE]":
-                        done = True
-                        record.end_s = t
-                        continue
-                    obj = loads(payload)
-                    err = obj.get("error")
-                    if err is not None:
-                        raise _stream_error(err)
-                    usage = obj.get("usage")
-                    choices = obj.get("choices")
-                    tokens = 0
-                    if choices:
-                        c = choices[0]
-                        if chat:
-                            delta = c.get("delta") or {}
-                            text = delta.get("content") or delta.get("reasoning_content")
-                        else:
-                            text = c.get("text")
-                        if continuous and usage:
-                            n = usage["completion_tokens"]
-                            tokens = n - prev_completion
-                            prev_completion = n
-                        elif text:
-                            tokens = 1
-                        if c.get("finish_reason") is not None:
-                            finished = True
-                    if usage:
-                        record.usage_output_tokens = usage.get("completion_tokens")
-                        record.usage_input_tokens = usage.get("prompt_tokens")
-                    if tokens > 0:
-                        if wd.last is None:
-                            wd.first_token(t)
-                        else:
-                            wd.last = t
-                        record.add_chunk(t, tokens)
-                if not data:
-                    break
-        except (AttributeError, TypeError, KeyError, IndexError) as exc:
-            # Valid JSON of the wrong shape (e.g. choices not a list of objects).
-            raise _Failure(errors.MALFORMED, f"unexpected event shape ({exc}): {payload[:80]!r}") from None
-        if record.end_s is None:
-            record.end_s = perf()
-        if not done and not finished:
-            tail = " (mid-line)" if decoder.partial_tail else ""
-            raise _Failure(errors.TRUNCATED, f"stream ended without [DONE] or finish_reason{tail}")
-
-
-def _stream_error(err: Any) -> _Failure:
-    """vLLM reports a failure mid-stream as an event `{"error": {...}}` with an HTTP-like code."""
-    msg = err.get("message") if isinstance(err, dict) else err
-    code = err.get("code") if isinstance(err, dict) else None
-    kind = errors.http_status_kind(code) if isinstance(code, int) and 400 <= code <= 599 else errors.MALFORMED
-    return _Failure(kind, f"error event in stream: {str(msg)[:150]}", code if isinstance(code, int) else None)
-
-
-async def _error_detail(resp: aiohttp.ClientResponse) -> str:
-    """A short message from an error body: OpenAI/vLLM `message`, FastAPI `detail`, else the text."""
-    raw = b""
-    while len(raw) < 4096:
-        part = await resp.content.read(4096 - len(raw))
-        if not part:
-            break
-        raw += part
-    text = raw.decode("utf-8", "replace")
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        doc = None
-    if isinstance(doc, dict):
-        inner = doc.get("error") if isinstance(doc.get("error"), dict) else doc
-        msg = inner.get("message") or inner.get("detail")
-        if msg:
-            text = str(msg)
-    return f"HTTP {resp.status}: " + " ".join(text.split())
 
 
 def _fail(record: RequestRecord, kind: str, detail: str) -> None:

@@ -1,0 +1,159 @@
+"""One streamed OpenAI response into its RequestRecord: the sink `http_stream.Conn` feeds, per socket
+read, with that read's time stamp.
+
+Per event only what the numbers need: orjson on the payload bytes (never decoded to text), then
+the error, the choice's text or delta (its finish_reason), and usage. Tokens per chunk: with vLLM's
+continuous usage stats, the increase of usage.completion_tokens (a chunk carrying several tokens
+counts as several); otherwise one per chunk with non-empty text. `end_s` is the read that brought
+[DONE] (else the end of the body); nothing after [DONE] counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from replay.core import errors
+from replay.core.request import RequestRecord
+from replay.targets.http_failures import Failure, Watchdog
+from replay.targets.sse import SSEDecoder
+
+_ERROR_BODY_MAX = 4096  # bytes of a non-200 body read for its message
+
+
+class OpenAIStream:
+    """`head` / `body` / `end` of one response (the http_stream.Sink protocol); each raises a Failure
+    when the response is not a complete, well-formed stream."""
+
+    __slots__ = ("record", "wd", "chat", "continuous", "decoder", "done", "finished", "prev_completion",
+                 "error_body")  # fmt: skip
+
+    def __init__(self, record: RequestRecord, wd: Watchdog, chat: bool, continuous: bool) -> None:
+        self.record = record
+        self.wd = wd
+        self.chat = chat
+        self.continuous = continuous
+        self.decoder = SSEDecoder()
+        self.done = False  # [DONE] seen
+        self.finished = False  # a finish_reason seen
+        self.prev_completion = 0
+        self.error_body: bytearray | None = None  # set for a non-200 answer
+
+    def head(self, status: int, content_type: bytes, t: float) -> None:
+        rec = self.record
+        rec.first_byte_s = t
+        rec.http_status = status
+        if status != 200:
+            self.error_body = bytearray()
+        elif content_type != b"text/event-stream":
+            got = content_type.decode("latin-1") or "no content type"
+            raise Failure(errors.MALFORMED, f"expected text/event-stream, got {got}")
+
+    def body(self, pieces: list[bytes], t: float) -> None:
+        if self.error_body is not None:
+            for piece in pieces:
+                self.error_body += piece
+            if len(self.error_body) >= _ERROR_BODY_MAX:
+                raise self._status_failure()
+            return
+        if self.wd.kind is not None:
+            return  # a deadline fired: the request is being failed, later bytes do not count
+        self._events(self.decoder.events_of(pieces), t)
+
+    def end(self, t: float) -> None:
+        self.wd.cancel()  # complete: no deadline may fire between here and the sender resuming
+        if self.wd.kind is not None:
+            return  # one already fired: the sender records it
+        if self.error_body is not None:
+            raise self._status_failure()
+        self._events(self.decoder.flush_events(), t)
+        rec = self.record
+        if rec.end_s is None:
+            rec.end_s = t
+        if not self.done and not self.finished:
+            tail = " (mid-line)" if self.decoder.partial_tail else ""
+            raise Failure(errors.TRUNCATED, f"stream ended without [DONE] or finish_reason{tail}")
+
+    def _events(self, payloads: list[bytes], t: float) -> None:
+        if self.done or not payloads:
+            return  # nothing counts after [DONE]
+        rec = self.record
+        loads = orjson.loads
+        chat = self.chat
+        continuous = self.continuous
+        prev = self.prev_completion
+        usage = got = None
+        p = b""
+        try:
+            for p in payloads:
+                if p == b"[DONE]":
+                    self.done = True
+                    rec.end_s = t
+                    break
+                obj = loads(p)
+                err = obj.get("error")
+                if err is not None:
+                    raise _stream_error(err)
+                u = obj.get("usage")
+                if u:
+                    usage = u
+                choices = obj.get("choices")
+                if not choices:
+                    continue
+                c = choices[0]
+                if chat:
+                    delta = c.get("delta") or {}
+                    text = delta.get("content") or delta.get("reasoning_content")
+                else:
+                    text = c.get("text")
+                if c.get("finish_reason") is not None:
+                    self.finished = True
+                if continuous and u:
+                    n = u["completion_tokens"]
+                    tokens = n - prev
+                    prev = n
+                elif text:
+                    tokens = 1
+                else:
+                    continue
+                if tokens > 0:
+                    if got is None and rec.first_token_s is None:
+                        self.wd.first_token(t)
+                    got = True
+                    rec.add_chunk(t, tokens)
+        except (AttributeError, TypeError, KeyError, IndexError) as exc:
+            # Valid JSON of the wrong shape (e.g. choices not a list of objects).
+            shown = p[:80].decode("utf-8", "replace")
+            raise Failure(errors.MALFORMED, f"unexpected event shape ({exc}): {shown!r}") from None
+        finally:
+            self.prev_completion = prev
+            if got:
+                self.wd.last = t  # the stall deadline runs from the latest token
+            if isinstance(usage, dict):
+                rec.usage_output_tokens = usage.get("completion_tokens")
+                rec.usage_input_tokens = usage.get("prompt_tokens")
+
+    def _status_failure(self) -> Failure:
+        """A short message from an error body: OpenAI/vLLM `message`, FastAPI `detail`, else the text."""
+        raw = bytes(self.error_body or b"")[:_ERROR_BODY_MAX]
+        status = self.record.http_status or 0
+        text = raw.decode("utf-8", "replace")
+        try:
+            doc = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            doc = None
+        if isinstance(doc, dict):
+            inner = doc.get("error") if isinstance(doc.get("error"), dict) else doc
+            msg = inner.get("message") or inner.get("detail")
+            if msg:
+                text = str(msg)
+        return Failure(errors.http_status_kind(status), f"HTTP {status}: " + " ".join(text.split()), status)
+
+
+def _stream_error(err: Any) -> Failure:
+    """vLLM reports a failure mid-stream as an event `{"error": {...}}` with an HTTP-like code."""
+    msg = err.get("message") if isinstance(err, dict) else err
+    code = err.get("code") if isinstance(err, dict) else None
+    kind = errors.http_status_kind(code) if isinstance(code, int) and 400 <= code <= 599 else errors.MALFORMED
+    return Failure(kind, f"error event in stream: {str(msg)[:150]}", code if isinstance(code, int) else None)
