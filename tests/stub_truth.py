@@ -78,6 +78,8 @@ class Paired(NamedTuple):
     recv: np.ndarray  # stub, absolute
     written: np.ndarray  # stub wrote the first token
     done: np.ndarray  # stub wrote the last byte
+    tokens: np.ndarray
+    itl_mean: np.ndarray  # client: the request's mean ITL (requests.jsonl itl_s), seconds
 
     @property
     def ttft_err_ms(self) -> np.ndarray:
@@ -87,6 +89,13 @@ class Paired(NamedTuple):
     @property
     def e2e_err_ms(self) -> np.ndarray:
         return ((self.end - self.sent) - (self.done - self.recv)) * 1e3
+
+    @property
+    def itl_mean_err_ms(self) -> np.ndarray:
+        """Each request's mean ITL minus the stub's for it: (last - first write) / (tokens - 1) by
+        the stub's convention (a chunk of k tokens is k gaps). Robust to the odd late read, which
+        moves one gap but not the span."""
+        return (self.itl_mean - (self.done - self.written) / (self.tokens - 1)) * 1e3
 
     def send_ms(self, t0: float) -> np.ndarray:
         """Stub received - client sent: the request's transit (t0: run start on perf_counter)."""
@@ -122,7 +131,8 @@ def pair(rows: list[dict[str, Any]], served: dict[int, Served]) -> Paired:
         np.array([r["id"] for r in ok]), np.array([r.get("worker", 0) for r in ok]),
         col("intended_s"), col("sent_s"), col("first_token_s"), col("end_s"),
         np.array([s.t_recv for s in srv]), np.array([s.t_first for s in srv], dtype=np.float64),
-        np.array([s.t_end for s in srv], dtype=np.float64),
+        np.array([s.t_end for s in srv], dtype=np.float64), col("output_tokens"),
+        np.array([(r["itl_s"] or [np.nan])[-1] for r in ok], dtype=np.float64),
     )  # fmt: skip
 
 

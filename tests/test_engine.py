@@ -60,7 +60,7 @@ def against_stub(stub_args, schedule, options=None):
 # gap 2 ms longer) the matching figure read 2.1-3.7. Each bound sits between the two.
 SEND_P25 = READ_P25 = 1.0
 TTFT_ERR_P25 = E2E_ERR_P25 = LATE_P10 = 1.5
-ITL_P50 = 1.0
+ITL_MEAN_P50 = 1.0
 
 
 def test_light_load_ttft_itl_match_the_stubs_served_records():
@@ -77,10 +77,10 @@ def test_light_load_ttft_itl_match_the_stubs_served_records():
     assert pct(p.e2e_err_ms, 25) < E2E_ERR_P25, np.round(np.sort(p.e2e_err_ms), 3)
     # Sends on the absolute timeline: the stub received them at t0 + intended, give or take the timer.
     assert pct(p.late_ms(t0), 10) < LATE_P10, np.round(np.sort(p.late_ms(t0)), 3)
-    # ITL: the client's distribution against the stub's served one (its token write gaps).
-    itl = np.concatenate([r.itls() for r in got]) * 1e3
-    assert len(itl) == 40 * 15 == doc["itl_ms"]["count"]
-    assert abs(pct(itl, 50) - doc["itl_ms"]["p50"]) < ITL_P50, (pct(itl, 50), doc["itl_ms"])
+    # ITL: each request's mean against the stub's for it (first to last write).
+    assert sum(len(r.itls()) for r in got) == 40 * 15 == doc["itl_ms"]["count"]
+    err = p.itl_mean_err_ms  # a stalled read moves a few requests' spans: judged at the median
+    assert abs(pct(err, 50)) < ITL_MEAN_P50, np.round(np.sort(err), 3)
 
 
 def test_concurrency_cap_wait_shows_in_intended_metrics():

@@ -1,7 +1,8 @@
 """OpenAIHTTPTarget against the stub server's known schedule and its injected faults.
 
 Timing truth: the stub writes token i at admit + 20 ms + i * 5 ms and records what it really wrote;
-the target's measurements must land on that schedule. Nothing here needs a network or a model.
+the light-load timing test runs it as its own process and pairs its per-request records with the
+target's. Nothing here needs a network or a model.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import numpy as np
 import pytest
 import uvloop
 from aiohttp import web
+from stub_truth import IdTarget, pair, pct, served_by_id, truth
 
 from replay.core import errors
 from replay.core.errors import ReplayError
 from replay.core.request import ERROR, OK, Request, RequestRecord, record_for
 from replay.core.target import Target
-from replay.stub.server import Fault, StubServer, start_stub
+from replay.stub.server import Fault, StubProcess, StubServer, start_stub
 from replay.targets.openai_http import HTTPTargetConfig, OpenAIHTTPTarget, map_exception
 
 TTFT, ITL, N_OUT = 0.020, 0.005, 32
@@ -60,63 +62,63 @@ def ms(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs) * 1e3, q))
 
 
-# ---- timing against the known schedule (run under uvloop, as the tool runs) -------------------------------
+# ---- timing against the stub in its own process (run under uvloop, as the tool runs) ---------------------
 
 
-def light_load_run(vllm: bool) -> list[str]:
-    """50 requests of 32 tokens; exact checks assert, timing checks return their misses."""
-    out: dict[str, Any] = {}
+def light_load_run(vllm: bool) -> tuple[list[RequestRecord], dict[str, Any]]:
+    """50 requests of 32 tokens, one every 10 ms, against the stub as a child process (its own core
+    and loop: a client stall cannot delay the truth); the client records and the stub's truth."""
+    args = ["--ttft-ms", str(TTFT * 1e3), "--itl-ms", str(ITL * 1e3)] + (
+        ["--vllm", "--continuous-usage"] if vllm else []
+    )
 
-    async def body(stub: StubServer, target: OpenAIHTTPTarget) -> None:
-        assert target.vllm_extensions is vllm
-        out["recs"] = await drive(target, 50)
-        out["truth"] = stub.truth.summary(detail=True)
+    async def body(base_url: str) -> list[RequestRecord]:
+        target = IdTarget(HTTPTargetConfig(base_url=base_url))
+        await target.start()
+        try:
+            assert target.vllm_extensions is vllm
+            return await drive(target, 50)
+        finally:
+            await target.close()
 
-    uvloop.run(with_target({"vllm": vllm, "continuous_usage": vllm}, body))
-    recs: list[RequestRecord] = out["recs"]
+    with StubProcess(args) as stub:
+        recs = uvloop.run(body(stub.base_url))
+        return recs, truth(stub.base_url)
+
+
+# Tolerances in ms. A client that mis-stamps or reads late does it on every request, while CPU
+# contention on the shared machine delays only some: TTFT shifts are judged on p25, which contention
+# moves least. Noise, 20 runs of each variant at load average 10-12 on the shared 2-core machine:
+# TTFT error p25 0.06-0.47 (p50 up to 3.3: why not p50), send transit p25 <= 0.24, read transit p25
+# <= 0.06, per-request mean ITL error |p90| 0.05-0.51. With 2 ms injected (first token stamped late,
+# sent stamped early, every token gap 2 ms longer) the matching figure read 2.0-5.0.
+SEND_P25 = READ_P25 = ITL_MEAN_P50 = 1.0
+TTFT_ERR_P25 = 1.5
+
+
+@pytest.mark.parametrize("vllm", [True, False], ids=["vllm-continuous-usage", "plain-openai"])
+def test_light_load_measures_what_the_stub_served(vllm: bool) -> None:
+    """Client TTFT against the stub's served TTFT of the same request (paired by request id), and each
+    request's mean ITL against the stub's token write gaps for it. No retry: one run decides."""
+    recs, doc = light_load_run(vllm)
     assert [r.status for r in recs] == [OK] * 50, {r.error_detail for r in recs}
     for r in recs:
         assert r.usage_output_tokens == N_OUT and r.output_tokens == N_OUT
         assert r.streamed_tokens() == N_OUT and len(r.chunk_s) == N_OUT
         assert r.usage_input_tokens == 8
         assert r.sent_s <= r.first_byte_s <= r.first_token_s <= r.end_s  # type: ignore[operator]
-    truth = out["truth"]
-    assert truth["served"] == 50 and truth["tokens"] == 50 * N_OUT
-    # Causality: no token is read before the stub wrote it. Sorted against sorted holds under any
-    # pairing, so no request matching is needed.
-    client_first = np.sort([r.first_token_s for r in recs])
-    stub_first = np.sort([t_first for _, _, t_first, _, _, _ in truth["requests"]])
-    lag_ms = (client_first - stub_first) * 1e3
-    assert lag_ms.min() >= 0.0, lag_ms
-
-    ttfts = [r.ttft() for r in recs]
-    itls = [x for r in recs for x in r.itls()]
-    assert len(itls) == 50 * (N_OUT - 1)
-    misses = []
-    for what, xs, q, nominal, tol in [("ttft", ttfts, 50, TTFT, 1.0), ("ttft", ttfts, 99, TTFT, 3.0),
-                                      ("itl", itls, 50, ITL, 1.0), ("itl", itls, 99, ITL, 3.0)]:  # fmt: skip
-        got = ms(xs, q)
-        if abs(got - nominal * 1e3) >= tol:
-            misses.append(f"{what} p{q} {got:.3f} ms, want {nominal * 1e3:g} +- {tol:g} "
-                          f"(stub served p{q} {truth[what + '_ms'][f'p{q}']} ms)")  # fmt: skip
-    if np.median(lag_ms) >= 1.0:
-        misses.append(f"median read-after-write lag {np.median(lag_ms):.3f} ms >= 1 ms")
-    return misses
-
-
-@pytest.mark.parametrize("vllm", [True, False], ids=["vllm-continuous-usage", "plain-openai"])
-def test_light_load_measures_the_stub_schedule(vllm: bool) -> None:
-    """Measured TTFT within 1 ms of 20 ms at p50 and 3 ms at p99; ITL within 1 ms of 5 ms at p50 and
-    3 ms at p99. On a shared 2-core box another process can steal the CPU for milliseconds (the
-    stub's own truth then shows it late), so a timing miss gets two more tries; a client that
-    mis-stamps fails all three."""
-    tries = []
-    for _ in range(3):
-        misses = light_load_run(vllm)
-        if not misses:
-            return
-        tries.append("; ".join(misses))
-    pytest.fail("timing off in 3 tries: " + " | ".join(tries))
+    assert doc["served"] == doc["received"] == 50 and doc["tokens"] == 50 * N_OUT
+    # The target's stamps are absolute perf_counter values (no engine rebased them): t0 = 0.
+    p = pair([r.to_json() for r in recs], served_by_id(doc))
+    p.assert_causal(0.0)  # request by request: sent <= received <= first written <= first read
+    assert pct(p.send_ms(0.0), 25) < SEND_P25 and pct(p.read_ms(0.0), 25) < READ_P25
+    assert pct(p.ttft_err_ms, 25) < TTFT_ERR_P25, np.round(np.sort(p.ttft_err_ms), 3)
+    itls = np.concatenate([r.itls() for r in recs])
+    assert len(itls) == 50 * (N_OUT - 1) == doc["itl_ms"]["count"]
+    # ITL: each request's mean against the stub's for it (its first to last write). The pooled
+    # distribution's p50 moves by up to 1 ms on a loaded machine (reads batch), so it is not used.
+    err = p.itl_mean_err_ms  # a stalled read moves a few requests' spans: judged at the median
+    assert abs(pct(err, 50)) < ITL_MEAN_P50, np.round(np.sort(err), 3)
 
 
 @pytest.mark.parametrize("vllm", [True, False], ids=["vllm-continuous-usage", "plain-openai"])
