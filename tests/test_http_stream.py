@@ -11,11 +11,14 @@ import asyncio
 import random
 from typing import Any
 
+import orjson
 import pytest
 
 from replay.core import errors
+from replay.core.request import OK, Request, record_for
 from replay.targets.http_failures import Failure
 from replay.targets.http_stream import Conn, Pool
+from replay.targets.openai_http import HTTPTargetConfig, OpenAIHTTPTarget
 
 # ---- parsing, fed without sockets -------------------------------------------------------------------------
 
@@ -233,8 +236,8 @@ class Server:
                     head = await reader.readuntil(b"\r\n\r\n")
                 except asyncio.IncompleteReadError:
                     return
-                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:"))  # fmt: skip
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)  # fmt: skip
                 body = await reader.readexactly(length)
                 index = len(self.requests)
                 self.requests.append((conn_no, head, body))
@@ -329,3 +332,50 @@ async def test_connect_refused_and_server_gone() -> None:
         assert e.value.kind == errors.CONNECT_REFUSED and f"127.0.0.1:{port}" in e.value.detail
     finally:
         pool.close()
+
+
+async def test_what_the_target_writes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The POST on the wire: request line, Host, JSON Content-Type and a Content-Length equal to the
+    body's, the key from the environment as a bearer token (and nowhere in describe())."""
+    monkeypatch.setenv("REPLAY_TEST_KEY", "sk-wire-123")
+    models = orjson.dumps({"object": "list", "data": [{"id": "m", "object": "model"}]})
+    events = [b'{"choices":[{"index":0,"text":" a","finish_reason":null}]}',
+              b'{"choices":[{"index":0,"text":" b","finish_reason":"length"}]}', b"[DONE]"]  # fmt: skip
+
+    def respond(index: int, head: bytes) -> tuple[bytes, bool]:
+        if head.startswith(b"GET /v1/models "):
+            return b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (
+                len(models), models), False  # fmt: skip
+        if head.startswith(b"GET "):
+            return b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", False
+        chunks = b"".join(b"%x\r\ndata: %s\n\n\r\n" % (len(e) + 8, e) for e in events)
+        return HEAD_OK + b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n", False
+
+    srv, server, port = await serve(respond)
+    cfg = HTTPTargetConfig(base_url=f"http://127.0.0.1:{port}/v1", api_key_env="REPLAY_TEST_KEY")
+    target = OpenAIHTTPTarget(cfg)
+    try:
+        await target.start()
+        recs = []
+        for i in range(2):
+            req = Request(id=i, intended_s=0.0, input_tokens=3, output_tokens=2, prompt_token_ids=[7, 8, 9])
+            recs.append(record_for(req))
+            await target.send(req, recs[-1])
+        assert "sk-wire-123" not in repr(target.describe())
+    finally:
+        await target.close()
+        server.close()
+    assert [(r.status, r.streamed_tokens()) for r in recs] == [(OK, 2), (OK, 2)]
+    posts = [(c, h, b) for c, h, b in srv.requests if h.startswith(b"POST")]
+    assert len(posts) == 2 and posts[0][0] == posts[1][0]  # one keep-alive connection
+    for _, head, body in posts:
+        lines = head.split(b"\r\n")
+        pairs = (line.partition(b":") for line in lines[1:] if line)
+        fields = {k.strip().lower(): v.strip() for k, _, v in pairs}
+        assert lines[0] == b"POST /v1/completions HTTP/1.1"
+        assert fields[b"host"] == b"127.0.0.1:%d" % port
+        assert fields[b"content-type"] == b"application/json"
+        assert fields[b"authorization"] == b"Bearer sk-wire-123"
+        assert int(fields[b"content-length"]) == len(body)
+        doc = orjson.loads(body)
+        assert doc["model"] == "m" and doc["prompt"] == [7, 8, 9] and doc["max_tokens"] == 2 and doc["stream"]
