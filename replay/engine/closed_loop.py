@@ -50,6 +50,9 @@ class ClosedLoopEngine(Engine):
             self._stopping = True
             self._stopped_at = time.perf_counter()
 
+    async def prime(self, schedule: Iterable[Request]) -> None:
+        """Nothing to make ready ahead: a closed loop's send times are not known in advance."""
+
     async def run(self, schedule: Iterable[Request], t0: float) -> None:
         self._t0 = t0
         deadline = t0 + self.duration_s if self.duration_s else math.inf

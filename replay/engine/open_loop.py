@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from replay.core import errors
 from replay.core.request import ERROR, NOT_SENT, OK, Request, RequestRecord, record_for
 from replay.core.target import Target
+from replay.engine.lookahead import LookAhead
 
 Sink = Callable[[RequestRecord], None]
 EARLY_S = 0.0002
@@ -30,6 +31,10 @@ class EngineOptions:
     # but counted `not_sent: max_in_flight`: an overloaded server must not exhaust the client's
     # sockets and memory (each request holds a connection). None: unbounded.
     max_in_flight: int | None = None
+    # Requests (prompts, the target's body) are made ready up to this far ahead of their send time,
+    # holding at most look_ahead_bytes (see lookahead.py).
+    look_ahead_s: float = 2.0
+    look_ahead_bytes: int = 256 << 20
 
 
 @dataclass(slots=True)
@@ -43,6 +48,7 @@ class EngineState:
     ok: int = 0
     errors: int = 0
     not_sent: int = 0
+    prepared_late: int = 0  # requests the look-ahead made ready only after their send time
 
 
 class Engine:
@@ -55,6 +61,7 @@ class Engine:
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._dispatcher: asyncio.Task[None] | None = None
+        self._ahead: LookAhead | None = None
         self._t0 = 0.0
 
     def stop(self) -> None:
@@ -63,27 +70,47 @@ class Engine:
         if self._dispatcher is not None and not self._dispatcher.done():
             self._dispatcher.cancel()
 
+    async def prime(self, schedule: Iterable[Request]) -> None:
+        """Make the schedule's first `look_ahead_s` ready before the run's clock starts; `run()`
+        with the same schedule then goes on from there (a burst at t = 0 is ready too)."""
+        self._ahead = self._look_ahead(schedule, None)
+        await self._ahead.primed()
+
+    def _look_ahead(self, schedule: Iterable[Request], t0: float | None) -> LookAhead:
+        o = self.options
+        prepare = getattr(self.target, "prepare", None)  # optional part of the Target protocol
+        ahead = LookAhead(schedule, prepare, t0, o.look_ahead_s, o.look_ahead_bytes)
+        ahead.start()
+        return ahead
+
     async def run(self, schedule: Iterable[Request], t0: float) -> None:
         """Dispatch the whole schedule against `t0` (a `time.perf_counter()` value), then drain."""
         self._t0 = t0
-        it = iter(schedule)
-        self._dispatcher = asyncio.ensure_future(self._dispatch(it))
+        ahead = self._ahead
+        if ahead is not None and ahead.schedule is schedule:
+            ahead.clock_started(t0)
+        else:
+            ahead = self._ahead = self._look_ahead(schedule, t0)
+        self._dispatcher = asyncio.ensure_future(self._dispatch(ahead))
         try:
             await self._dispatcher
         except asyncio.CancelledError:
             if not self._stopping:  # cancelled from outside, not by stop(): propagate
                 raise
+        finally:
+            await ahead.close()
+            self.state.prepared_late = ahead.late
         # Whatever the dispatcher did not reach is counted, never dropped.
-        for req in it:
+        for req in ahead.rest():
             self._not_sent(req, errors.NOT_SENT_STOPPED)
         await self._drain()
 
-    async def _dispatch(self, it: Iterable[Request]) -> None:
+    async def _dispatch(self, ahead: LookAhead) -> None:
         loop = asyncio.get_running_loop()
         t0 = self._t0
         pending: Request | None = None
         try:
-            for req in it:
+            while (req := await ahead.next()) is not None:
                 pending = req
                 due = t0 + req.intended_s
                 # One absolute deadline per request, never a chain of relative sleeps. Loop timers

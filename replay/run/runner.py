@@ -162,6 +162,7 @@ class _Run:
                 await self.target.close()  # a half-started server must not be orphaned
                 raise
         schedule = primed(schedule)
+        await self.engine.prime(schedule)  # the first window's prompts and bodies, before the clock
         hlog = IntervalLog(self.run_dir / "intervals.hlog", time.time() + START_LEAD_S)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
