@@ -132,11 +132,21 @@ async def test_stop_counts_every_unsent_request():
     assert eng.state.not_sent == len(unsent)
 
 
-async def test_drain_timeout_cancels_and_counts():
+async def test_drain_timeout_counts_unfinished_not_errors():
+    """Still in flight at the drain deadline: `unfinished` (not a server error, not dropped), no end time;
+    one still waiting for the concurrency cap was never sent: not_sent past_deadline."""
     target = FakeTarget(ttft_s=0.01, itl_s=0.5)  # 8 tokens take 3.5 s
-    got, _ = await drive(target, reqs([0.0, 0.0]), EngineOptions(drain_timeout_s=0.2))
-    assert [r.error for r in got] == ["client_cancelled", "client_cancelled"]
-    assert all(r.first_token_s is not None for r in got)
+    opts = EngineOptions(drain_timeout_s=0.2, concurrency_cap=2)
+    got, eng = await drive(target, reqs([0.0, 0.0, 0.0]), opts)
+    assert sorted(r.status for r in got) == ["not_sent", "unfinished", "unfinished"]
+    for r in got:
+        assert r.end_s is None
+        if r.status == "unfinished":
+            assert r.error is None and r.first_token_s is not None
+            assert "drain deadline" in (r.error_detail or "")
+        else:
+            assert r.error == "past_deadline" and r.sent_s is None
+    assert eng.state.errors == 0
 
 
 async def test_target_errors_and_bugs_are_counted_not_lost():

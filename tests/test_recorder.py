@@ -94,6 +94,7 @@ def test_accounting_and_summary_shape():
     bad.sent_s = 0.1
     rec.add(bad)
     rec.add(RequestRecord(id=2, intended_s=0.2, status="not_sent", error="stopped"))
+    rec.add(RequestRecord(id=3, intended_s=0.3, status="unfinished", sent_s=0.31))
     hists = rec.close()
     assert rec.counts.accounted()
     s = build_summary(
@@ -114,10 +115,11 @@ def test_accounting_and_summary_shape():
         error_examples=rec.error_examples,
     )
     assert s["counts"] == {
-        "scheduled": 3,
+        "scheduled": 4,
         "ok": 1,
         "errors": {"http_503": 1},
         "not_sent": {"stopped": 1},
+        "unfinished": 1,
         "accounted": True,
     }
     for name in ("ttft", "itl", "tpot", "e2e", "ttft_intended", "e2e_intended", "send_lag"):

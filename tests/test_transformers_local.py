@@ -1,7 +1,10 @@
-"""The in-process transformers target against the real tiny model and transformers' continuous batching.
+"""The transformers target against the real tiny model and transformers' continuous batching, served
+from its own process.
 
-Truth here is the request itself: output length is forced, so every request must stream exactly
-what it asked for, and the input count must be the prompt we built.
+Truth here is the request itself (output length is forced, so every request must stream exactly
+what it asked for, and the input count must be the prompt we built), the operating system (which
+process runs the model, on which cores, whether it is still alive) and our own clock reads
+bracketing the model process's.
 """
 
 from __future__ import annotations
@@ -10,17 +13,21 @@ import asyncio
 import json
 import os
 import random
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from replay.core import errors
 from replay.core.errors import ReplayError
 from replay.core.request import ERROR, OK, Request, RequestRecord, record_for
 from replay.core.target import Target
-from replay.targets import tiny_model
+from replay.targets import model_wire, tiny_model
 from replay.targets.transformers_local import TransformersLocalTarget, TransformersTargetConfig
 
 pytestmark = pytest.mark.timeout(300)
@@ -78,7 +85,7 @@ async def test_describe_and_protocol_before_start(model_dir: Path) -> None:
     t = TransformersLocalTarget(TransformersTargetConfig(model_dir=str(model_dir)))
     assert isinstance(t, Target)
     assert t.vocab_size == tiny_model.PARAMS["vocab_size"]  # known before start, for the prompt builder
-    assert t.pids() == [os.getpid()]
+    assert t.pids() == []  # nothing runs before start()
     with pytest.raises(ReplayError, match="not a model directory"):
         TransformersLocalTarget(TransformersTargetConfig(model_dir=str(model_dir / "nope")))
 
@@ -98,6 +105,7 @@ async def test_exact_lengths_and_plausible_timings(target: TransformersLocalTarg
     assert d["warmup_s"] is not None and d["batching"]["num_blocks"] > 0
     if d["device"] == "cpu":  # CPU defaults; on an accelerator transformers sizes these itself
         assert d["dtype"] == "float32" and d["batching"]["max_batch_tokens"] == 512
+        assert d["batching"]["max_requests_per_batch"] == 32
 
 
 async def test_eos_is_ignored(model_dir: Path, tmp_path: Path) -> None:
@@ -192,39 +200,39 @@ async def test_cancel_cancels_the_backend_request(target: TransformersLocalTarge
     with pytest.raises(asyncio.CancelledError):
         await task
     assert not target._pending
-    scheduler = target._manager.batch_processor.scheduler
-    for _ in range(200):  # the loop drops it at its next step
-        if not scheduler.active_requests and not scheduler.waiting_requests:
+    for _ in range(200):  # the model process drops it at its next step
+        stats = await target.backend_stats()
+        if not stats["active"] and not stats["waiting"] and not stats["admitted"]:
             break
         await asyncio.sleep(0.01)
-    assert not scheduler.active_requests and not scheduler.waiting_requests
+    assert stats["active"] == stats["waiting"] == stats["admitted"] == stats["backlog"] == 0, stats
     assert rec.streamed_tokens() < 1500
     [ok] = await _run(target, [_req(2, 10, 3, target.vocab_size)], in_flight=1)
     _assert_exact(ok, 10, 3)
 
 
 async def test_backend_crash_maps_to_target_error(target: TransformersLocalTarget) -> None:
-    """Fault injection: the generation step raises. In-flight and later requests fail with detail."""
-    manager = target._manager
-    real_step = manager._generation_step
+    """Fault injection: the model process's next generation step raises. In-flight and later
+    requests fail as target errors with the backend's detail; the process itself lives on."""
     req = _req(1, 12, 400, target.vocab_size)
     rec = record_for(req)
     task = asyncio.ensure_future(target.send(req, rec))
     while not rec.chunk_s:
         await asyncio.sleep(0.01)
-
-    def boom() -> None:
-        raise RuntimeError("injected kernel failure")
-
-    manager._generation_step = boom
+    assert target._link is not None
+    target._link.write([model_wire.FAULT, "step"])
     await asyncio.wait_for(task, timeout=30)
-    manager._generation_step = real_step
     assert rec.status == ERROR and rec.error == errors.TARGET_ERROR
     assert "injected kernel failure" in (rec.error_detail or "")
     assert 0 < rec.streamed_tokens() < 400
+    for _ in range(100):  # the model process's watchdog reports the dead generation loop
+        if target._dead:
+            break
+        await asyncio.sleep(0.05)
     [after] = await _run(target, [_req(2, 10, 3, target.vocab_size)], in_flight=1)
     assert after.status == ERROR and after.error == errors.TARGET_ERROR
-    assert "not accepting" in (after.error_detail or "")
+    assert "generation thread stopped" in (after.error_detail or "")
+    assert target.pids() and psutil.pid_exists(target.pids()[0])
 
 
 async def test_close_fails_requests_in_flight(model_dir: Path) -> None:
@@ -242,3 +250,91 @@ async def test_close_fails_requests_in_flight(model_dir: Path) -> None:
     assert rec.status == ERROR and rec.error == errors.TARGET_ERROR
     with pytest.raises(ReplayError, match="before start"):
         await t.send(_req(2, 4, 2, t.vocab_size), record_for(req))
+
+
+async def test_model_runs_in_its_own_process_on_its_own_cores(target: TransformersLocalTarget) -> None:
+    """The OS says: the model is a child process of ours, pinned away from the lowest core (the
+    generator's) when there are several, with one torch thread per core it has."""
+    [pid] = target.pids()
+    assert pid != os.getpid()
+    child = psutil.Process(pid)
+    assert child.ppid() == os.getpid()
+    assert "replay.targets.model_process" in " ".join(child.cmdline())
+    mine = sorted(os.sched_getaffinity(0))
+    expected = mine[1:] if len(mine) > 1 else mine
+    assert sorted(child.cpu_affinity()) == expected
+    d = target.describe()
+    assert d["pid"] == pid and d["cores"] == expected and d["torch_threads"] == len(expected)
+    assert child.num_threads() >= 3  # reader, transformers' generation thread, sender
+
+
+_CLIENT_RUN = """
+import asyncio, sys
+from replay.core.request import Request, record_for
+from replay.targets.transformers_local import TransformersLocalTarget, TransformersTargetConfig
+
+async def main():
+    t = TransformersLocalTarget(TransformersTargetConfig(model_dir=sys.argv[1], kv_cache_gib=0.125))
+    await t.start()
+    r = Request(id=1, intended_s=0.0, input_tokens=3, output_tokens=4, prompt_text="a tiny llama")
+    rec = record_for(r)
+    await t.send(r, rec)
+    await t.close()
+    print(rec.status, rec.usage_output_tokens, "torch" in sys.modules, "transformers" in sys.modules)
+
+asyncio.run(main())
+"""
+
+
+def test_the_client_never_imports_torch(model_dir: Path) -> None:
+    """A run through the target from a fresh interpreter leaves torch and transformers unimported there."""
+    r = subprocess.run(
+        [sys.executable, "-c", _CLIENT_RUN, str(model_dir)], capture_output=True, text=True, timeout=240
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["ok", "4", "False", "False"], r.stdout
+
+
+async def test_token_times_are_on_our_clock(target: TransformersLocalTarget) -> None:
+    """perf_counter is CLOCK_MONOTONIC, one clock for every process on the host: each of the model
+    process's reads falls between two of ours, and every token it stamps falls between our send and
+    our receipt of the last update."""
+    for _ in range(20):
+        a = time.perf_counter()
+        t = await target._link.rpc(model_wire.PING)  # type: ignore[union-attr]
+        b = time.perf_counter()
+        assert a <= t <= b, (a, t, b)
+    for i in range(5):
+        req = _req(i, 16, 8, target.vocab_size, seed=2)
+        rec = record_for(req)
+        rec.status = OK
+        await target.send(req, rec)
+        received = time.perf_counter()
+        rec.finish_tokens()
+        _assert_exact(rec, 16, 8)
+        assert rec.sent_s is not None and rec.end_s is not None
+        assert rec.sent_s < rec.chunk_s[0] and rec.end_s <= received
+    assert target.clock_check is not None and target.clock_check["bracket_ms"] < 50
+
+
+async def test_killed_model_process_fails_requests_by_kind(target: TransformersLocalTarget) -> None:
+    """SIGKILL the model process mid-stream: in-flight and later requests fail as target_died at once
+    (no waiting on timeouts), close() is clean, and no process is left behind."""
+    [pid] = target.pids()
+    reqs = [_req(i, 12, 400, target.vocab_size) for i in range(3)]
+    recs = [record_for(r) for r in reqs]
+    tasks = [asyncio.ensure_future(target.send(r, rec)) for r, rec in zip(reqs, recs, strict=True)]
+    while not all(rec.chunk_s for rec in recs):
+        await asyncio.sleep(0.01)
+    t_kill = time.perf_counter()
+    os.kill(pid, signal.SIGKILL)
+    await asyncio.wait_for(asyncio.gather(*tasks), timeout=5)
+    assert time.perf_counter() - t_kill < 2.0
+    for rec in recs:
+        assert rec.status == ERROR and rec.error == errors.TARGET_DIED, (rec.error, rec.error_detail)
+        assert "SIGKILL" in (rec.error_detail or "") or "closed its socket" in (rec.error_detail or "")
+    [after] = await _run(target, [_req(9, 10, 3, target.vocab_size)], in_flight=1)
+    assert after.status == ERROR and after.error == errors.TARGET_DIED
+    await target.close()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert target.pids() == []

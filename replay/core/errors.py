@@ -18,6 +18,7 @@ MALFORMED = "malformed_response"  # bad SSE / JSON / not an OpenAI response
 TRUNCATED = "truncated_stream"  # ended without [DONE] / finish_reason
 CANCELLED = "client_cancelled"
 TARGET_ERROR = "target_error"  # in-process backend raised
+TARGET_DIED = "target_died"  # the target's model process exited or was killed mid-run
 
 
 def http_status_kind(status: int) -> str:

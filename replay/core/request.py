@@ -19,6 +19,7 @@ from replay.core.prompt import TokenIds
 OK = "ok"
 ERROR = "error"
 NOT_SENT = "not_sent"
+UNFINISHED = "unfinished"  # still in flight when the drain deadline passed: neither ok nor an error
 # Order of a request's own ITL summary in requests.jsonl ("itl_s"): per-request SLOs need it,
 # and the chunk arrays themselves are not kept.
 ITL_STATS = ("p50", "p90", "p95", "p99", "p99.9", "max", "mean")

@@ -69,8 +69,9 @@ class ClosedLoopEngine(Engine):
             end = self._stopped_at if self._stopped_at is not None else deadline
             if pending and time.perf_counter() > end + self.options.drain_timeout_s:
                 self._stopping = True
+                self._drain_expired = True  # each in-flight request is recorded unfinished
                 for task in pending:
-                    task.cancel()  # each in-flight request is recorded client_cancelled
+                    task.cancel()
                 await asyncio.wait(pending)
                 break
         self._tasks.difference_update(workers)

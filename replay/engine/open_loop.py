@@ -14,12 +14,15 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from replay.core import errors
-from replay.core.request import ERROR, NOT_SENT, OK, Request, RequestRecord, record_for
+from replay.core.request import ERROR, NOT_SENT, OK, UNFINISHED, Request, RequestRecord, record_for
 from replay.core.target import Target
 from replay.engine.lookahead import LookAhead
 
 Sink = Callable[[RequestRecord], None]
 EARLY_S = 0.0002
+# At the drain deadline, in-flight requests are cancelled this many per loop turn: thousands at
+# once (an overloaded run) would run their cancellation handlers in one long loop iteration.
+CANCEL_CHUNK = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +66,7 @@ class Engine:
         self._dispatcher: asyncio.Task[None] | None = None
         self._ahead: LookAhead | None = None
         self._t0 = 0.0
+        self._drain_expired = False  # cancellations from now on are the drain deadline's
 
     def stop(self) -> None:
         """Stop dispatching now; requests not yet sent are recorded `not_sent: stopped`."""
@@ -156,13 +160,19 @@ class Engine:
                 if self._sem is not None:
                     self._sem.release()
         except asyncio.CancelledError:
-            _fail(rec, errors.CANCELLED, "cancelled by the client (drain timeout or second signal)")
+            if self._drain_expired and rec.sent_s is None:  # still waiting for the concurrency cap
+                rec.status, rec.error = NOT_SENT, errors.NOT_SENT_DEADLINE
+            elif self._drain_expired:
+                rec.status = UNFINISHED
+                rec.error_detail = f"in flight at the drain deadline ({self.options.drain_timeout_s:g} s)"
+            else:
+                _fail(rec, errors.CANCELLED, "cancelled by the client (second signal)")
         except Exception as exc:  # a target bug must not lose the record
             _fail(rec, errors.TARGET_ERROR, f"{type(exc).__name__}: {exc}")
         self._finish(rec)
 
     def _finish(self, rec: RequestRecord) -> None:
-        if rec.end_s is None and rec.status != NOT_SENT and rec.sent_s is not None:
+        if rec.end_s is None and rec.status not in (NOT_SENT, UNFINISHED) and rec.sent_s is not None:
             rec.end_s = time.perf_counter()
         rec.finish_tokens()
         rec.rebase(self._t0)
@@ -186,10 +196,16 @@ class Engine:
         if not self._tasks:
             return
         _, still = await asyncio.wait(set(self._tasks), timeout=self.options.drain_timeout_s)
-        for task in still:
-            task.cancel()
-        if still:
-            await asyncio.wait(still)
+        if not still:
+            return
+        # Requests still in flight now are counted unfinished: the server did not get to them in time.
+        self._drain_expired = True
+        tasks = list(still)
+        for i in range(0, len(tasks), CANCEL_CHUNK):
+            for task in tasks[i : i + CANCEL_CHUNK]:
+                task.cancel()
+            await asyncio.sleep(0)
+        await asyncio.wait(still)
 
     def cancel_in_flight(self) -> None:
         """Second signal: end every in-flight request now (each is recorded client_cancelled)."""

@@ -121,7 +121,7 @@ def figure(kind: str, doc: dict[str, Any], name: str) -> float | None:
         return doc["throughput"].get(name)
     if name == "error_rate":
         c = doc["counts"]
-        failed = sum(c["errors"].values()) + sum(c["not_sent"].values())
+        failed = sum(c["errors"].values()) + c.get("unfinished", 0) + sum(c["not_sent"].values())
         return failed / c["scheduled"] if c["scheduled"] else None
     metric, _, stat = name.rpartition("_")
     v = doc["metrics"].get(metric, {}).get(stat)

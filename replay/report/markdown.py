@@ -151,7 +151,8 @@ def run_key_rows(summary: dict[str, Any]) -> list[list[str]]:
         [
             "requests",
             f"{c['scheduled']} scheduled, {c['ok']} ok, {sum(c['errors'].values())} errors, "
-            f"{sum(c['not_sent'].values())} not sent",
+            + (f"{c['unfinished']} unfinished, " if c.get("unfinished") else "")
+            + f"{sum(c['not_sent'].values())} not sent",
         ],  # fmt: skip
         [
             "throughput",

@@ -104,6 +104,7 @@ def interval_row(
         "errors": sum(counts.errors.values()),
         "error_kinds": dict(counts.errors),
         "not_sent": sum(counts.not_sent.values()),
+        "unfinished": counts.unfinished,
         "req_s": round(counts.ok / length_s, 3) if length_s > 0 else None,
         "output_tok_s": round(counts.output_tokens / length_s, 1) if length_s > 0 else None,
         "in_flight": in_flight,

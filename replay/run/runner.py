@@ -35,6 +35,7 @@ from replay.schedule.synthetic import primed
 from replay.stats import histogram as H
 from replay.stats.drift import DriftTracker
 from replay.stats.recorder import Recorder
+from replay.stats.saturation import SaturationTracker
 from replay.stats.selfcheck import Bounds, LoopLagMonitor, stall_reason, verdict
 from replay.stats.summary import build_summary
 
@@ -98,6 +99,7 @@ class _Run:
         self.t0 = 0.0
         self.sidecar = Sidecar(target, run_dir)
         self.drift = DriftTracker(cfg.interval_s)
+        self.saturation = SaturationTracker(cfg.interval_s)
         self.proc = psutil.Process()
         self.proc.cpu_percent()  # prime: the next call reports CPU since now
         self.rss_peak_mb = 0.0
@@ -147,6 +149,7 @@ class _Run:
             pass
         row.update({f"server.{k}": v for k, v in self.sidecar.last.items()})
         self.drift.add(hists, row)
+        self.saturation.add(row)
         self.timeseries.write(row)
         self.timeseries.flush()
         self.recorder.absorb(hists)
@@ -235,6 +238,7 @@ class _Run:
             error_examples=self.recorder.error_examples,
             extra={
                 "drift": self.drift.verdict(),
+                "saturation": self.saturation.verdict(offered_rate, self.cfg.duration_s, counts.unfinished),
                 "client": {"rss_peak_mb": round(self.rss_peak_mb, 1)},
                 "server": self.sidecar.summary(),
             },

@@ -25,6 +25,7 @@ from replay.scaleout.shard import IntervalReport, WorkerResult
 from replay.stats import histogram as H
 from replay.stats.drift import DriftTracker
 from replay.stats.recorder import METRICS, Counts
+from replay.stats.saturation import SaturationTracker
 from replay.stats.selfcheck import Bounds, verdict
 from replay.stats.summary import build_summary
 
@@ -157,6 +158,7 @@ class IntervalMerger:
         self._done: set[int] = set()
         self._pending: dict[int, list[IntervalReport]] = {}
         self.drift = DriftTracker(interval_s)
+        self.saturation = SaturationTracker(interval_s)
         self._hists = {m: H.new() for m in ALL_METRICS}  # one set, reused for every interval
         self.rss_peak_mb = 0.0  # peak over intervals of the workers' summed RSS
         self.written = 0
@@ -210,6 +212,7 @@ class IntervalMerger:
             row.update(self.row_extra())
         self.rss_peak_mb = max(self.rss_peak_mb, rss)
         self.drift.add(hists, row)
+        self.saturation.add(row)
         self.timeseries.write(row)
         self.timeseries.flush()
         self.written += 1
@@ -279,6 +282,9 @@ def finish_run(
         extra={
             "workers": {**executor, "count": executor.get("count", len(results)), "each": entries},
             "drift": merger.drift.verdict() if merger else {"verdict": "too_short", "detail": "no intervals"},
+            "saturation": merger.saturation.verdict(offered_rate, cfg.duration_s, counts.unfinished)
+            if merger
+            else None,
             "client": {"rss_peak_mb": round(merger.rss_peak_mb, 1) if merger else None},
             "server": server or {},
         },

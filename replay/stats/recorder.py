@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from hdrh.histogram import HdrHistogram
 
-from replay.core.request import ERROR, NOT_SENT, OK, RequestRecord
+from replay.core.request import ERROR, NOT_SENT, OK, UNFINISHED, RequestRecord
 from replay.stats import histogram as H
 
 # Latency metrics (seconds in, microseconds in the histogram).
@@ -41,6 +41,7 @@ class Counts:
     ok: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     not_sent: Counter[str] = field(default_factory=Counter)
+    unfinished: int = 0  # still in flight at the drain deadline (not server errors, not dropped)
     input_tokens: int = 0
     output_tokens: int = 0
     last_end_s: float = 0.0
@@ -54,6 +55,7 @@ class Counts:
         self.ok += other.ok
         self.errors.update(other.errors)
         self.not_sent.update(other.not_sent)
+        self.unfinished += other.unfinished
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
         self.last_end_s = max(self.last_end_s, other.last_end_s)
@@ -62,8 +64,9 @@ class Counts:
         self.prompt_len_diffs.update(other.prompt_len_diffs)
 
     def accounted(self) -> bool:
-        """The invariant: scheduled = ok + errors (by kind) + not sent (by reason)."""
-        return self.scheduled == self.ok + sum(self.errors.values()) + sum(self.not_sent.values())
+        """The invariant: scheduled = ok + errors (by kind) + unfinished + not sent (by reason)."""
+        done = self.ok + sum(self.errors.values()) + self.unfinished
+        return self.scheduled == done + sum(self.not_sent.values())
 
 
 class Recorder:
@@ -95,6 +98,8 @@ class Recorder:
                 c.errors[rec.error or "unknown"] += 1
             elif rec.status == NOT_SENT:
                 c.not_sent[rec.error or "unknown"] += 1
+            elif rec.status == UNFINISHED:
+                c.unfinished += 1
         if rec.status == ERROR:
             self._example(rec)
         lag = rec.dispatch_lag()

@@ -12,6 +12,7 @@ from hdrh.histogram import HdrHistogram
 from replay.stats import histogram as H
 from replay.stats.hints import hints
 from replay.stats.recorder import LATENCY_METRICS, RATE_METRICS, Counts
+from replay.stats.saturation import headline
 
 SCHEMA_VERSION = 1
 
@@ -44,6 +45,7 @@ def counts_json(counts: Counts) -> dict[str, Any]:
         "ok": counts.ok,
         "errors": dict(sorted(counts.errors.items())),
         "not_sent": dict(sorted(counts.not_sent.items())),
+        "unfinished": counts.unfinished,
         "accounted": counts.accounted(),
     }
 
@@ -113,7 +115,10 @@ def _fmt_int(v: Any) -> str:
 def console_table(summary: dict[str, Any]) -> str:
     """A compact, human-readable table of the figures users look at first."""
     m = summary["metrics"]
-    lines = []
+    # First: did the server keep up with the offered load (replay.stats.saturation)?
+    lines = headline(summary.get("saturation"), summary.get("config", {}).get("drain_timeout_s"))
+    if lines:
+        lines.append("")
     cols = ("p50", "p90", "p99", "p99.9", "max", "mean", "count")
     lines.append(f"{'metric (ms)':<16}" + "".join(f"{c:>10}" for c in cols))
     rows = ("ttft", "ttft_intended", "itl", "tpot", "e2e", "e2e_intended", "send_lag", "dispatch_lag")
@@ -129,7 +134,8 @@ def console_table(summary: dict[str, Any]) -> str:
     lines.append("")
     lines.append(
         f"requests: scheduled {c['scheduled']}, ok {c['ok']}, errors {sum(c['errors'].values())} ({errs}), "
-        f"not sent {sum(c['not_sent'].values())} ({ns})"
+        + (f"unfinished {c['unfinished']}, " if c.get("unfinished") else "")
+        + f"not sent {sum(c['not_sent'].values())} ({ns})"
     )
     lines.append(
         f"throughput: {_fmt(t['req_s'])} req/s achieved"

@@ -196,7 +196,7 @@ def load_target(name_or_url: str, run_dir: Path, overrides: Mapping[str, Any] | 
     cfg = build_config(tl.TransformersTargetConfig, values, path, text)
     cfg = dataclasses.replace(cfg, model_dir=_resolve_model(cfg.model_dir))
     cls = getattr(tl, "TransformersLocalTarget", None) or tl.TransformersTarget
-    return cls(cfg)
+    return cls(cfg, log_path=Path(run_dir) / "model.log")  # the model process's stdout/stderr
 
 
 def _with_v1(url: str) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 from replay.core import extras
 from replay.core.errors import ReplayError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_DIR = REPO_ROOT / ".cache" / "models" / "tiny-llama"
 STAMP_FILE = "replay_tiny_model.json"
 BUILD_VERSION = 1  # bump when the build recipe changes in a way the parameters below do not show
