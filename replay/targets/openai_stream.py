@@ -102,21 +102,21 @@ class OpenAIStream:
                 if not choices:
                     continue
                 c = choices[0]
-                if chat:
-                    delta = c.get("delta") or {}
-                    text = delta.get("content") or delta.get("reasoning_content")
-                else:
-                    text = c.get("text")
                 if c.get("finish_reason") is not None:
                     self.finished = True
                 if continuous and u:
                     n = u["completion_tokens"]
                     tokens = n - prev
                     prev = n
-                elif text:
-                    tokens = 1
                 else:
-                    continue
+                    if chat:
+                        delta = c.get("delta") or {}
+                        text = delta.get("content") or delta.get("reasoning_content")
+                    else:
+                        text = c.get("text")
+                    if not text:
+                        continue
+                    tokens = 1
                 if tokens > 0:
                     if got is None and rec.first_token_s is None:
                         self.wd.first_token(t)

@@ -49,12 +49,15 @@ class SSEDecoder:
         line, arriving between events (how servers write token events, one per HTTP chunk), costs a
         few C-level checks and one slice."""
         out: list[bytes] = []
+        append = out.append
+        clean = self._clean
         for piece in pieces:
-            if (self._clean and piece.startswith(b"data: ") and piece.endswith(b"\n\n")
+            if (clean and piece.startswith(b"data: ") and piece.endswith(b"\n\n")
                     and piece.find(b"\n", 6, -2) < 0 and b"\r" not in piece):  # fmt: skip
-                out.append(piece[6:-2])
+                append(piece[6:-2])
             else:
                 out += self.events(piece)
+                clean = self._clean
         return out
 
     def events(self, chunk: bytes) -> list[bytes]:
