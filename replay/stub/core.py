@@ -27,8 +27,8 @@ import orjson
 from replay.core.errors import ReplayError
 from replay.stub.protocol import Conn, error_body
 from replay.stub.stream import Stream, StubConfig, out_of_vocab
-from replay.stub.stream import count_prompt as _count_prompt
 from replay.stub.stream import http_chunk as _http_chunk
+from replay.stub.stream import parse_request as _parse_request
 from replay.stub.truth import Fault, Truth
 
 _TOKEN = b" tok"
@@ -148,11 +148,8 @@ class StubServer:
         index = self._index
         self._index += 1
         try:
-            req = orjson.loads(body)
-            if not isinstance(req, dict):
-                raise ValueError("body is not a JSON object")
+            req, prompt_tokens = _parse_request(body, chat, count_only=not self.cfg.vocab_size)
             n = int(req.get("max_tokens") or req.get("max_completion_tokens") or 16)
-            prompt_tokens = _count_prompt(req, chat)
         except (ValueError, TypeError) as exc:
             conn.respond(400, error_body(400, f"bad request: {exc}"), keep_alive)
             return
@@ -360,6 +357,7 @@ class StubServer:
         first = s.t_first if s.stream else now
         tokens = s.sent if s.stream else s.n
         self.truth.requests.append((s.t_recv, s.t_admit, first, now, tokens, s.request_id))
+        self.truth.first_byte.append(s.t_head)
 
     def lost(self, conn: Conn) -> None:
         """The client closed the connection; an unfinished stream stops and frees its slot."""

@@ -47,6 +47,10 @@ class Conn(asyncio.Protocol):
         self.paused = False  # the socket buffer is full: the client is not reading
         self.closed = False
         self.stream: Any = None
+        # When the first bytes of the next request in `buf` arrived, and of the one being answered
+        # (`t_head`): a large body takes a while to arrive whole; this says when its sending began.
+        self.t_first_byte = 0.0
+        self.t_head = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not an asyncio.Transport
@@ -64,6 +68,8 @@ class Conn(asyncio.Protocol):
         self.paused = False
 
     def data_received(self, data: bytes) -> None:
+        if not self.buf:
+            self.t_first_byte = time.perf_counter()
         self.buf += data
         if not self.busy:
             self.next_request()
@@ -105,6 +111,8 @@ class Conn(asyncio.Protocol):
             return
         body = bytes(buf[start : start + length])
         del buf[: start + length]
+        self.t_head = self.t_first_byte
+        self.t_first_byte = time.perf_counter()  # a pipelined request's bytes are in by now
         conn_hdr = headers.get(b"connection", b"").lower()
         keep_alive = conn_hdr != b"close" if version == b"HTTP/1.1" else conn_hdr == b"keep-alive"
         path, _, query = target.partition(b"?")

@@ -123,6 +123,9 @@ class Truth:
         self.requests: deque[tuple[float, float | None, float | None, float | None, int, str | None]] = deque(
             maxlen=self.DETAIL_KEEP
         )
+        # When each request's first bytes arrived, in the order of `requests` (a 600 kB body takes
+        # a while to arrive whole: this is when the client began sending it).
+        self.first_byte: deque[float] = deque(maxlen=self.DETAIL_KEEP)
 
     def chunk(self, t: float, due: float, prev_t: float | None, t_recv: float, k: int) -> None:
         """A content chunk of `k` tokens was written at `t` (scheduled for `due`)."""
@@ -178,4 +181,5 @@ class Truth:
         }
         if detail:
             out["requests"] = list(self.requests)
+            out["first_byte"] = list(self.first_byte)
         return out
