@@ -55,6 +55,13 @@ def truth(base_url: str) -> dict[str, Any]:
         return json.loads(r.read())
 
 
+def reset(base_url: str) -> None:
+    """POST /stub/reset: forget what was served so far."""
+    req = urllib.request.Request(base_url.removesuffix("/v1") + "/stub/reset", data=b"", method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        assert r.status == 200
+
+
 def served_by_id(doc: dict[str, Any]) -> dict[int, Served]:
     """The truth's per-request records keyed by the client's request id (every one must carry one)."""
     out: dict[int, Served] = {}
