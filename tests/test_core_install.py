@@ -52,7 +52,9 @@ def _bin(env: Path, name: str) -> str:
 @pytest.mark.timeout(600)
 def test_core_install_has_no_torch(core_venv):
     for module in LOCAL_ONLY:
-        r = subprocess.run([_bin(core_venv, "python"), "-c", f"import {module}"], capture_output=True, text=True)
+        r = subprocess.run(
+            [_bin(core_venv, "python"), "-c", f"import {module}"], capture_output=True, text=True
+        )
         assert r.returncode != 0 and "No module named" in r.stderr, (module, r.stderr[-500:])
 
 

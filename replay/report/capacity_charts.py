@@ -1,5 +1,5 @@
 """The capacity report's load curves: latency and goodput against offered rate, and the
-closed-loop probe's throughput and latency against concurrency (inline SVG via svgplot)."""
+closed-loop probe's throughput and latency against concurrency (interactive, via figures)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import statistics
 from typing import Any
 
 from replay.capacity.slo import parse_slo
-from replay.report import svgplot as P
+from replay.report import figures as F
 
 SLO_COLOR = "#d62728"
 MAX_COLOR = "#2ca02c"
@@ -17,20 +17,21 @@ def _by_rate(steps: list[dict[str, Any]], metric: str, stat: str) -> tuple[list[
     rates = sorted({s["rate_req_s"] for s in steps})
     ys: list[float | None] = []
     for r in rates:
-        vals = [s["latency_ms"][metric][stat] for s in steps if s["rate_req_s"] == r]
+        vals = [s["latency_ms"][metric].get(stat) for s in steps if s["rate_req_s"] == r]
         vals = [v for v in vals if v is not None]
         ys.append(statistics.median(vals) if vals else None)
     return rates, ys
 
 
 def latency_vs_load(doc: dict[str, Any], metric: str, label: str) -> str:
+    """p50, p99 and max per offered rate, the p50-p99 band, verdict-coloured p99 dots. The whole tail
+    is drawn (no clipping): past saturation it explodes, so the log view is the default."""
     steps = doc["steps"]
     rates, p50 = _by_rate(steps, metric, "p50")
     _, p99 = _by_rate(steps, metric, "p99")
+    _, top = _by_rate(steps, metric, "max")
     passed = {r: all(s["passed"] for s in steps if s["rate_req_s"] == r) for r in rates}
-    band_x = [r for r, a, b in zip(rates, p50, p99, strict=True) if a is not None and b is not None]
-    band_lo = [a for a, b in zip(p50, p99, strict=True) if a is not None and b is not None]
-    band_hi = [b for a, b in zip(p50, p99, strict=True) if a is not None and b is not None]
+    both = [(r, a, b) for r, a, b in zip(rates, p50, p99, strict=True) if a is not None and b is not None]
     slo = parse_slo(doc["slo"])
     hlines = [
         (b.value * 1000, f"SLO {b.text}", SLO_COLOR) for b in slo.bounds if b.metric == metric and b.upper
@@ -38,30 +39,43 @@ def latency_vs_load(doc: dict[str, Any], metric: str, label: str) -> str:
     res = doc.get("result", {})
     vlines = []
     if res.get("max_slo_rate_req_s"):
-        vlines.append((res["max_slo_rate_req_s"], f"max SLO rate {res['max_slo_rate_req_s']:.3g}", MAX_COLOR))
+        vlines.append((res["max_slo_rate_req_s"], "max SLO rate", MAX_COLOR))
     if res.get("knee"):
         vlines.append((res["knee"]["rate_req_s"], "knee", "#9467bd"))
-    # Past saturation latency explodes; clip so the region that matters stays readable.
-    ok99 = [y for r, y in zip(rates, p99, strict=True) if y is not None and passed[r]]
-    cands = ([1.5 * max(ok99)] if ok99 else []) + [2.5 * y for y, _, _ in hlines]
-    cap = max(cands, default=None)
-    chart = P.Chart(
-        f"{label} vs offered load (p50–p99 band; dots: step verdict)",
+    verdict = ["PASS" if passed[r] else "FAIL" for r in rates]
+    p99_hover = [
+        f"p99: {F.fmt(y)} ms at {F.fmt(r)} req/s, step {v}" if y is not None else ""
+        for r, y, v in zip(rates, p99, verdict, strict=True)
+    ]
+    chart = F.Chart(
+        f"{label} vs offered load (p50–p99 band, max; dots: step verdict)",
         "offered rate (req/s)",
         "ms",
         series=[
-            P.Series("p50", rates, p50, color="#1f77b4"),
-            P.Series(
-                "p99", rates, p99, color="#ff7f0e", markers=[P.PASS if passed[r] else P.FAIL for r in rates]
+            F.Series("p50", rates, p50, color="#1f77b4"),
+            F.Series("max", rates, top, color="#8c564b", dash="dot"),  # drawn under the p99 dots
+            F.Series(
+                "p99",
+                rates,
+                p99,
+                color="#ff7f0e",
+                hover=p99_hover,
+                markers=[F.PASS if passed[r] else F.FAIL for r in rates],
             ),
         ],
-        bands=[P.Band("p50–p99", band_x, band_lo, band_hi, color="#1f77b4")],
+        bands=[
+            F.Band("p50–p99", [b[0] for b in both], [b[1] for b in both], [b[2] for b in both], "#1f77b4")
+        ],
         hlines=hlines,
         vlines=vlines,
-        y_max=cap,
+        x_unit="req/s",
+        y_unit="ms",
+        log_switch=True,
+        log_default=True,
+        unified_hover=True,
         fig_id=f"latency-vs-load-{metric}",
     )
-    return P.render(chart)
+    return F.render(chart)
 
 
 def goodput_chart(doc: dict[str, Any]) -> str:
@@ -72,18 +86,21 @@ def goodput_chart(doc: dict[str, Any]) -> str:
         vals = [v for s in steps if s["rate_req_s"] == r for v in [_get(s, key)] if v is not None]
         return statistics.median(vals) if vals else None
 
-    chart = P.Chart(
+    chart = F.Chart(
         "Goodput vs offered load (requests/s meeting every per-request SLO)",
         "offered rate (req/s)",
         "req/s",
         series=[
-            P.Series("offered", rates, rates, color="#999", dash="5 4"),
-            P.Series("achieved", rates, [med("achieved_req_s", r) for r in rates], color="#1f77b4"),
-            P.Series("goodput", rates, [med("goodput.goodput_req_s", r) for r in rates], color="#2ca02c"),
+            F.Series("offered", rates, rates, color="#999", dash="dash"),
+            F.Series("achieved", rates, [med("achieved_req_s", r) for r in rates], color="#1f77b4"),
+            F.Series("goodput", rates, [med("goodput.goodput_req_s", r) for r in rates], color="#2ca02c"),
         ],
+        x_unit="req/s offered",
+        y_unit="req/s",
+        unified_hover=True,
         fig_id="goodput",
     )
-    return P.render(chart)
+    return F.render(chart)
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:
@@ -95,27 +112,40 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
 def probe_chart(doc: dict[str, Any]) -> str:
     probe = doc["probe"]
     cs = [lv["concurrency"] for lv in probe]
-    chart = P.Chart(
-        "Closed loop: throughput vs concurrency",
+    tput = [lv["throughput_req_s"] for lv in probe]
+    chart = F.Chart(
+        "Closed loop: throughput vs concurrency (dots: SLO met / missed)",
         "concurrent streams",
         "req/s",
         series=[
-            P.Series(
+            F.Series(
                 "throughput",
                 cs,
-                [lv["throughput_req_s"] for lv in probe],
-                markers=[P.PASS if lv["slo_met"] else P.FAIL for lv in probe],
+                tput,
+                markers=[F.PASS if lv["slo_met"] else F.FAIL for lv in probe],
+                hover=[
+                    f"throughput: {F.fmt(x)} req/s at {c} streams, SLO {'met' if lv['slo_met'] else 'missed'}"
+                    for c, x, lv in zip(cs, tput, probe, strict=True)
+                ],
             )
         ],
+        x_ticks=[(c, str(c)) for c in cs],
+        x_unit="streams",
         fig_id="throughput-vs-concurrency",
     )
-    lat = P.Chart(
+    lat = F.Chart(
         "Closed loop: latency vs concurrency (p50)",
         "concurrent streams",
         "ms",
         series=[
-            P.Series(m, cs, [lv["latency_ms"][m]["p50"] for lv in probe]) for m in ("ttft", "tpot", "e2e")
+            F.Series(f"{m.upper()} p50", cs, [lv["latency_ms"][m]["p50"] for lv in probe])
+            for m in ("ttft", "tpot", "e2e")
         ],
+        x_ticks=[(c, str(c)) for c in cs],
+        x_unit="streams",
+        y_unit="ms",
+        log_switch=True,
+        unified_hover=True,
         fig_id="latency-vs-concurrency",
     )
-    return P.render(chart) + P.render(lat)
+    return F.render(chart) + F.render(lat)

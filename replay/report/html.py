@@ -1,4 +1,4 @@
-"""report.html: one self-contained page (inline SVG and CSS, no script, no network) from saved data.
+"""report.html: one self-contained page (plotly.js and the figures inlined, no network) from saved data.
 
 Works for a capacity directory (capacity.json + its step and probe runs) and for a single run
 directory (summary.json, timeseries.jsonl). Everything shown is read back from those files, so
@@ -7,37 +7,34 @@ directory (summary.json, timeseries.jsonl). Everything shown is read back from t
 
 from __future__ import annotations
 
-import math
-import statistics
 from html import escape
 from pathlib import Path
 from typing import Any
 
 import orjson
-from hdrh.histogram import HdrHistogram
 
 from replay.capacity.slo import parse_slo
 from replay.capacity.stats import window_hists
 from replay.core.errors import ReplayError
 from replay.report import capacity_charts as C
-from replay.report import svgplot as P
+from replay.report import figures as F
 from replay.report.markdown import STEP_COLUMNS, capacity_key_rows
+from replay.report.run_charts import distribution_charts, timeseries_charts
 from replay.stats import histogram as H
+from replay.stats.plausibility import capacity_flags, plausibility
 
 CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;max-width:1340px;
-color:#222;padding:0 16px}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px;color:#222;padding:0}
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;
 text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}
 .pass{color:#2ca02c;font-weight:600}.fail{color:#d62728;font-weight:600}
-.charts{display:flex;flex-wrap:wrap;gap:12px}
-figure.chart{margin:0;border:1px solid #e4e4e4;border-radius:6px;padding:6px;background:#fff;width:640px;
-box-sizing:border-box}svg{max-width:100%;height:auto}
+.charts{display:flex;flex-direction:column;gap:14px}
+figure.chart{margin:0;border:1px solid #e4e4e4;border-radius:6px;padding:6px;background:#fff;width:100%;
+box-sizing:border-box}div.plot{width:100%}
 figcaption{font-size:14px;font-weight:600;margin:2px 4px}
-svg text{font-size:11px;fill:#444}svg text.axis{font-size:12px;fill:#222}
-svg rect.plot{fill:#fafafa;stroke:#ccc}svg line.grid{stroke:#e6e6e6}
-svg text.clip{fill:#d62728}
+.flags{border-left:4px solid #d62728;background:#fff5f5;padding:6px 14px;margin:12px 0;font-size:14px}
+.flags ul{margin:4px 0;padding-left:20px}
 .key{font-size:15px}.key td{font-size:14px}.note{color:#666;font-size:13px}.nodata{color:#999}
 """
 
@@ -46,9 +43,11 @@ def _page(title: str, body: list[str]) -> str:
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta http-equiv="Content-Security-Policy" '
-        "content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\">"
+        "content=\"default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; "
+        "style-src 'unsafe-inline'; img-src data: blob:; font-src data:\">"
         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>"
         + "\n".join(body)
+        + F.page_script()
         + "</body></html>\n"
     )
 
@@ -74,99 +73,17 @@ def _s(v: Any) -> str:
     return str(v)
 
 
+def flags_box(flags: list[str]) -> str:
+    """Implausible figures (replay.stats.plausibility), said before anyone reads them."""
+    if not flags:
+        return ""
+    items = "".join(f"<li>{escape(f)}</li>" for f in flags)
+    head = "<strong>&#9888; Check before trusting these figures:</strong>"
+    return f'<div class="flags" id="flags">{head}<ul>{items}</ul></div>'
+
+
 def verdict_span(ok: bool) -> str:
     return '<span class="pass">PASS</span>' if ok else '<span class="fail">FAIL</span>'
-
-
-# --- figures shared by both kinds of report -----------------------------------------------------
-
-_PCT_TICKS = [(0.0, "0%"), (1.0, "90%"), (2.0, "99%"), (3.0, "99.9%"), (4.0, "99.99%")]
-
-
-def percentile_series(h: HdrHistogram, name: str, scale: float = 1e-3) -> P.Series:
-    """Latency at percentile p against -log10(1 - p): the HdrHistogram percentile plot."""
-    xs, ys = [], []
-    n = h.get_total_count()
-    top = min(4.0, math.log10(n)) if n > 1 else 0.0
-    for i in range(0, 41):
-        x = top * i / 40
-        p = 100.0 * (1 - 10**-x)
-        xs.append(x)
-        ys.append(h.get_value_at_percentile(p) * scale)
-    return P.Series(name, xs, ys)
-
-
-def distribution_charts(hists: dict[str, HdrHistogram], what: str, fig: str) -> list[str]:
-    out = []
-    for metric, label in (("ttft", "TTFT"), ("ttft_intended", "TTFT from intended"), ("itl", "ITL")):
-        if metric not in hists:
-            continue
-        series = [percentile_series(hists[metric], label)]
-        top = max(series[0].xs)
-        ticks = [t for t in _PCT_TICKS if t[0] <= max(1.0, math.ceil(top))]
-        out.append(
-            P.render(
-                P.Chart(
-                    f"{label} percentile distribution — {what}",
-                    "percentile",
-                    "ms",
-                    series=series,
-                    x_ticks=ticks,
-                    fig_id=f"{fig}-{metric}",
-                )
-            )
-        )
-    return out
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [orjson.loads(x) for x in path.read_bytes().splitlines() if x.strip()]
-
-
-def timeseries_charts(run_dir: Path, what: str, fig: str) -> list[str]:
-    rows = _read_jsonl(run_dir / "timeseries.jsonl")
-    t = [r["t_s"] for r in rows]
-    # A rate over the last, partial interval (often a few ms) is true but reads as a spike.
-    full = statistics.median([r["interval_s"] for r in rows]) if rows else 0.0
-    rate = [r.get("req_s") if r.get("interval_s", 0) >= 0.5 * full else None for r in rows]
-    load = P.Chart(
-        f"Rate and in-flight over time — {what}",
-        "seconds from start",
-        "req/s, requests",
-        series=[
-            P.Series("completed req/s", t, rate),
-            P.Series("in flight", t, [r.get("in_flight") for r in rows]),
-            P.Series("waiting for cap", t, [r.get("waiting_for_cap") for r in rows], dash="4 3"),
-        ],
-        fig_id=f"{fig}-rate",
-    )
-    lat = P.Chart(
-        f"TTFT per interval — {what}",
-        "seconds from start",
-        "ms",
-        series=[
-            P.Series("TTFT p50", t, [r.get("ttft_p50_ms") for r in rows]),
-            P.Series("TTFT p99", t, [r.get("ttft_p99_ms") for r in rows]),
-            P.Series("ITL p99", t, [r.get("itl_p99_ms") for r in rows], dash="4 3"),
-        ],
-        fig_id=f"{fig}-ttft",
-    )
-    server = sorted({k for r in rows for k, v in r.items() if k.startswith("server.") and _num(v)})
-    varying = [k for k in server if len({r.get(k) for r in rows}) > 1][:6]
-    srv = P.Chart(
-        f"Server metrics — {what}" + ("" if varying else " (none scraped)"),
-        "seconds from start",
-        "value",
-        series=[P.Series(k[7:], t, [r.get(k) if _num(r.get(k)) else None for r in rows]) for k in varying],
-        fig_id=f"{fig}-server",
-    )
-    return [P.render(load), P.render(lat), P.render(srv)]
-
-
-def _num(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # --- capacity report ---------------------------------------------------------------------------
@@ -178,6 +95,7 @@ def capacity_html(cap_dir: Path, doc: dict[str, Any]) -> str:
     title = f"Capacity — {target.get('name') or target.get('kind') or doc['options'].get('target_name')}"
     body = [f"<h1>{escape(title)}</h1>", f'<p class="key">SLO: <code>{escape(doc["slo"])}</code></p>']
     body.append(_table(["figure", "value"], capacity_key_rows(doc), cls="key"))
+    body.append(flags_box(capacity_flags(doc)))
     body.append("<h2>Latency and goodput vs offered load</h2><div class='charts'>")
     slo_metrics = [b.metric for b in parse_slo(doc["slo"]).bounds]
     shown = ["ttft_intended", "itl", "e2e_intended"]
@@ -282,6 +200,7 @@ def run_html(run_dir: Path, summary: dict[str, Any]) -> str:
     cfg = summary.get("config", {})
     title = f"Run — {cfg.get('target', '?')}"
     body = [f"<h1>{escape(title)}</h1>", _table(["figure", "value"], run_key_rows(summary), cls="key")]
+    body.append(flags_box(plausibility(summary)))
     m = summary["metrics"]
     cols = ("p50", "p90", "p99", "p99.9", "max", "mean", "count")
     rows = [[k if k != "output_tps" else "output_tps (tok/s)", *(m[k].get(c) for c in cols)] for k in m]

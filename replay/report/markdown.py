@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from replay.stats.plausibility import capacity_flags, plausibility
+
 
 def _f(v: Any, unit: str = "") -> str:
     if v is None:
@@ -70,6 +72,13 @@ def capacity_key_rows(doc: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+def md_flags(flags: list[str]) -> list[str]:
+    """Implausible figures (replay.stats.plausibility) as a quoted warning under the key figures."""
+    if not flags:
+        return []
+    return ["", "> **Check before trusting these figures:**", ">", *(f"> - {f}" for f in flags)]
+
+
 def _md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(_f(v) if not isinstance(v, str) else v for v in row) + " |" for row in rows]
@@ -81,6 +90,7 @@ def capacity_md(doc: dict[str, Any]) -> str:
     name = target.get("name") or target.get("kind") or doc["options"].get("target_name")
     lines = [f"# Capacity: {name}", "", f"SLO: `{doc['slo']}`", ""]
     lines += _md_table(["figure", "value"], capacity_key_rows(doc))
+    lines += md_flags(capacity_flags(doc))
     r = doc.get("result", {})
     if r.get("decisive"):
         lines += ["", "## Decisive rates (repeats)", ""]
@@ -170,6 +180,7 @@ def run_md(summary: dict[str, Any]) -> str:
     cfg = summary.get("config", {})
     lines = [f"# Run: {cfg.get('target', '?')}", ""]
     lines += _md_table(["figure", "value"], run_key_rows(summary))
+    lines += md_flags(plausibility(summary))
     lines += ["", "## Latency (ms)", ""]
     cols = ("p50", "p90", "p99", "p99.9", "max", "mean", "count")
     rows = [[k, *(v.get(c) for c in cols)] for k, v in summary["metrics"].items()]

@@ -11,6 +11,7 @@ from hdrh.histogram import HdrHistogram
 
 from replay.stats import histogram as H
 from replay.stats.hints import hints
+from replay.stats.plausibility import plausibility
 from replay.stats.recorder import LATENCY_METRICS, RATE_METRICS, Counts
 from replay.stats.saturation import headline
 
@@ -166,4 +167,5 @@ def console_table(summary: dict[str, Any]) -> str:
         lines.extend(f"  - {r}" for r in sc["reasons"])
     if summary.get("partial"):
         lines.append("PARTIAL RUN: stopped before the schedule ended")
+    lines.extend(f"CHECK: {f}" for f in plausibility(summary, selfcheck=False))  # implausible figures
     return "\n".join(lines)
