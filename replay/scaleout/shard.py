@@ -202,6 +202,7 @@ class ShardRunner:
             self.engine = ClosedLoopEngine(self.target, self._sink, opts, streams, cfg.duration_s)
         else:
             self.engine = Engine(self.target, self._sink, opts)
+        await self.engine.prime(self._schedule)  # the first requests made ready before the clock
 
     def _sink(self, rec: RequestRecord) -> None:
         self.recorder.add(rec)

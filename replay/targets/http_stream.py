@@ -22,6 +22,7 @@ from typing import Protocol
 from replay.core import errors
 from replay.targets.http_failures import Failure
 
+FIRST_WRITE = 16 * 1024  # a request body beyond this is written in two steps (see Conn.request)
 _HEAD_MAX = 64 * 1024  # a response head (status line and headers) longer than this is malformed
 _LINE_MAX = 4096  # a chunk-size or trailer line longer than this is malformed
 # Response states.
@@ -54,6 +55,7 @@ class Conn(asyncio.Protocol):
         self._buf = b""  # bytes not yet parsed: a partial head, chunk-size line or chunk CRLF
         self._cstate = _SIZE
         self._left = 0  # body bytes still to come: of the current chunk, or of a Content-Length body
+        self._rest: memoryview | None = None  # the request body's second part, not written yet
 
     # ---- asyncio.Protocol ----------------------------------------------------------------------------------
 
@@ -117,16 +119,35 @@ class Conn(asyncio.Protocol):
         self._waiter = waiter = asyncio.get_running_loop().create_future()
         self._state = _HEAD
         self._buf = b""
-        self.transport.writelines((head, body))
+        if len(body) <= FIRST_WRITE:
+            self.transport.writelines((head, body))
+        else:
+            # A large body's first bytes go now and the rest on the next loop turn, so that in a
+            # burst every request starts at its send time (as many users' uploads would, sharing the
+            # bandwidth) instead of after the kernel has copied every body before it (~0.5 ms per
+            # 450 kB on loopback here: 10-15 ms for a burst of 30 large prompts).
+            view = memoryview(body)
+            self.transport.writelines((head, view[:FIRST_WRITE]))
+            self._rest = view[FIRST_WRITE:]
+            asyncio.get_running_loop().call_soon(self._write_rest)
         return waiter
+
+    def _write_rest(self) -> None:
+        rest, self._rest = self._rest, None
+        if rest is not None and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(rest)
 
     @property
     def reusable(self) -> bool:
-        return not self.closed and self.keep_alive and self._state == _IDLE and self._sink is None
+        return (
+            not self.closed and self.keep_alive and self._state == _IDLE and self._sink is None
+            and self._rest is None  # a response before the whole request went out: out of step
+        )  # fmt: skip
 
     def close(self) -> None:
         self._sink = None
         self._waiter = None
+        self._rest = None
         self.keep_alive = False
         if self.transport is not None:
             self.transport.close()
