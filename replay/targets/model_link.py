@@ -2,11 +2,19 @@
 
 Why apart from the target: the target is about requests (checking prompts, filling records); this
 is about a child process and a socket, which must be right on every path. The process is started
-from the event-loop thread (PR_SET_PDEATHSIG fires when the *forking thread* exits) in its own
-process group (a terminal's Ctrl-C reaches only us; our drain, then close, stops it) but our
-session (see replay.targets.server_process on autogroup scheduling). It also exits by itself
-when the socket closes. `close()` sends STOP, then SIGTERM, then SIGKILL, and reaps it; an atexit
-hook kills any still running if close() never ran.
+from the event-loop thread (PR_SET_PDEATHSIG fires when the *forking thread* exits) in a session
+of its own, so a terminal's Ctrl-C reaches only us (our drain, then close, stops it). It also exits
+by itself when its socket closes. `close()` sends STOP, then SIGTERM, then SIGKILL, and reaps it;
+an atexit hook kills any still running if close() never ran.
+
+Why a session of its own (unlike a started vLLM, replay.targets.server_process): with autogroup
+scheduling each session is one CPU-scheduling group, and a group's weight is split over the cores
+in proportion to where its load is. In our session, the always-busy model process would hold
+nearly all of our group's weight on its core, leaving the generator's core a sliver: on this
+2-core machine under other load, 20 s at 12 req/s saw 207 and 347 loop stalls over 5 ms (max 79
+and 195 ms) with the model in our session, 17 and 11 (max 48 and 13 ms) in its own; on one
+shared core (taskset -c 0, 6 req/s) dispatch lag p99 was 0.65-1.7 s in our session, 12-39 ms in
+its own.
 
 Reading never blocks the loop: the socket is an asyncio protocol fed whatever bytes arrived, and
 only complete frames are decoded (replay.targets.model_wire).
@@ -123,7 +131,7 @@ class ModelLink:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                process_group=0,
+                start_new_session=True,  # see the module docstring: its own autogroup, and no Ctrl-C
                 preexec_fn=_pdeathsig_preexec(),
             )
         theirs.close()
