@@ -23,6 +23,22 @@ def _by_rate(steps: list[dict[str, Any]], metric: str, stat: str) -> tuple[list[
     return rates, ys
 
 
+VERDICT_COLOR = {"PASS": F.PASS, "FAIL": F.FAIL, "UNDECIDED": "#e6a100", "UNTRUSTED": "#888888"}
+
+
+def rate_verdict(steps: list[dict[str, Any]]) -> str:
+    """The verdict of the steps run at one rate: a step's `verdict` where the search gives one
+    (pass, fail, undecided, untrusted), else its `passed`."""
+    vs = [
+        s.get("verdict") if isinstance(s.get("verdict"), str) else ("pass" if s["passed"] else "fail")
+        for s in steps
+    ]
+    for v in ("fail", "untrusted", "undecided"):
+        if v in vs:
+            return v.upper()
+    return "PASS"
+
+
 def latency_vs_load(doc: dict[str, Any], metric: str, label: str) -> str:
     """p50, p99 and max per offered rate, the p50-p99 band, verdict-coloured p99 dots. The whole tail
     is drawn (no clipping): past saturation it explodes, so the log view is the default."""
@@ -30,7 +46,6 @@ def latency_vs_load(doc: dict[str, Any], metric: str, label: str) -> str:
     rates, p50 = _by_rate(steps, metric, "p50")
     _, p99 = _by_rate(steps, metric, "p99")
     _, top = _by_rate(steps, metric, "max")
-    passed = {r: all(s["passed"] for s in steps if s["rate_req_s"] == r) for r in rates}
     both = [(r, a, b) for r, a, b in zip(rates, p50, p99, strict=True) if a is not None and b is not None]
     slo = parse_slo(doc["slo"])
     hlines = [
@@ -42,7 +57,7 @@ def latency_vs_load(doc: dict[str, Any], metric: str, label: str) -> str:
         vlines.append((res["max_slo_rate_req_s"], "max SLO rate", MAX_COLOR))
     if res.get("knee"):
         vlines.append((res["knee"]["rate_req_s"], "knee", "#9467bd"))
-    verdict = ["PASS" if passed[r] else "FAIL" for r in rates]
+    verdict = [rate_verdict([s for s in steps if s["rate_req_s"] == r]) for r in rates]
     p99_hover = [
         f"p99: {F.fmt(y)} ms at {F.fmt(r)} req/s, step {v}" if y is not None else ""
         for r, y, v in zip(rates, p99, verdict, strict=True)
@@ -60,7 +75,7 @@ def latency_vs_load(doc: dict[str, Any], metric: str, label: str) -> str:
                 p99,
                 color="#ff7f0e",
                 hover=p99_hover,
-                markers=[F.PASS if passed[r] else F.FAIL for r in rates],
+                markers=[VERDICT_COLOR.get(v, F.FAIL) for v in verdict],
             ),
         ],
         bands=[
