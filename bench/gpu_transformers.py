@@ -3,7 +3,8 @@
 Builds the tiny default model and a larger random Llama (~0.8B parameters) with the same
 offline recipe (replay.targets.tiny_model), then for each runs open-loop Poisson schedules through
 `TransformersLocalTarget` (transformers' own continuous batching) and records the summary
-figures plus GPU memory (torch's peak allocation and NVML's device-wide use).
+figures plus GPU memory (torch's peak allocation, read in the target's model process, and NVML's
+device-wide use). The model runs in the target's own process, as under `make stress`.
 
     python bench/gpu_transformers.py --out DIR [--rates 2,8,32] [--duration 20]
 
@@ -37,17 +38,13 @@ LARGER = dict(
 )
 
 
-def gpu_memory() -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            out["torch_peak_allocated_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-            out["torch_reserved_mib"] = round(torch.cuda.memory_reserved() / 2**20, 1)
-            out["device"] = torch.cuda.get_device_name()
-    except ImportError:
-        pass
+async def gpu_memory(target: TransformersLocalTarget) -> dict[str, Any]:
+    stats = await target.backend_stats()  # torch's accounting lives in the model process
+    out: dict[str, Any] = {
+        k: stats[k] for k in ("torch_peak_allocated_mib", "torch_reserved_mib") if k in stats
+    }
+    if "device_name" in stats:
+        out["device"] = stats["device_name"]
     try:
         import pynvml
 
@@ -110,7 +107,7 @@ async def bench_model(name: str, model_dir: Path, rates: list[float], args: argp
                     "itl_p99": m["itl"]["p99"],
                     "trustworthy": s["selfcheck"]["trustworthy"],
                     "start_s": round(started, 1),
-                    "memory": gpu_memory(),
+                    "memory": await gpu_memory(target),
                     "target": s["target"],
                 }
             )

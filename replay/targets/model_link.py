@@ -101,6 +101,7 @@ class ModelLink:
         self._waiters: dict[int, asyncio.Future[Any]] = {}
         self._token = 0
         self._closing = False
+        self._temp_log = False  # a log we made up (no run directory): removed after a clean exit
 
     @property
     def pid(self) -> int | None:
@@ -122,6 +123,7 @@ class ModelLink:
             fd, name = tempfile.mkstemp(prefix="replay-model-", suffix=".log")
             os.close(fd)
             self.log_path = Path(name)
+            self._temp_log = True
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -255,6 +257,8 @@ class ModelLink:
         if self._ready is not None and not self._ready.done():
             self._ready.cancel()
         _LIVE.discard(self)
+        if self._temp_log and proc.returncode == 0 and self.down is None and self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
 
     def kill(self) -> None:
         """Interpreter exit with the process still up (close() never ran): end it now."""

@@ -256,6 +256,7 @@ class ModelServer:
                          "admitted": len(self.admitted)}  # fmt: skip
             if sched is not None:
                 stats.update(active=len(sched.active_requests), waiting=len(sched.waiting_requests))
+            stats.update(_cuda_memory())
             self.send([w.STATS, msg[1], stats])
         elif kind == w.FAULT and msg[1] == "step":
 
@@ -319,6 +320,19 @@ class ModelServer:
             self.outq.put(None)
             sender.join(timeout=5.0)
         return 0
+
+
+def _cuda_memory() -> dict[str, Any]:
+    """This process's accelerator memory (torch's own accounting), when it has one."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {
+        "torch_peak_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+        "torch_reserved_mib": round(torch.cuda.memory_reserved() / 2**20, 1),
+        "device_name": torch.cuda.get_device_name(),
+    }
 
 
 def _bytes_per_block(c: Any, page_size: int, itemsize: int) -> int:
