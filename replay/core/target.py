@@ -6,6 +6,10 @@ Lifecycle: `await start()` once (load a model, launch or attach to a server, war
 failures. `send` fills the record's timing and token fields with `time.perf_counter()`
 stamps and sets `status`/`error`; it must not raise for request-level failures (map them
 to an error kind from `replay.core.errors`), only `ReplayError` for a target that cannot work at all.
+
+Optional: `prepare(request) -> bytes`, the request's wire form (an HTTP body). The engine's
+look-ahead calls it before the request's send time and stores the result in `request.prepared`,
+which `send` then uses as is, so a burst of large prompts costs the send only its write.
 """
 
 from __future__ import annotations
