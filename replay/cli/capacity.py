@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -127,8 +126,11 @@ def cmd_capacity(ns: argparse.Namespace) -> int:
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", ns.target.split("://")[-1]).strip("_") or "target"
     out = ns.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-capacity-{name}"
     target = load_target(ns.target, out, {"endpoint": ns.endpoint, "model": ns.model})
-    log = None if ns.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    doc = run_in_uvloop(CapacitySearch(target, opts, out, log=log, demand=demand).run())
+    from replay.run import live
+
+    with live.session(ns.quiet) as display:  # each run's live progress; step verdicts above it
+        log = display.line if display else None
+        doc = run_in_uvloop(CapacitySearch(target, opts, out, log=log, demand=demand).run())
     paths = render(out)
     r = doc["result"]
     print(f"max rate meeting {opts.slo.text}: {r['max_slo_rate_req_s']:g} req/s", end="")

@@ -154,12 +154,15 @@ def cmd_run(ns: argparse.Namespace) -> int:
         offered = arrivals.mean_rate(cfg.arrival_spec(), cfg.duration_s) if cfg.duration_s else cfg.rate
     if cfg.concurrency:
         offered = None  # closed loop: the server sets the pace
+    from replay.run import live
+    from replay.run.colour import show_table
     from replay.scaleout.launch import scaled_run
 
-    result = scaled_run(cfg, target, recipe, run_dir, offered, ns.workers, ns.ray)  # None: one process
-    if result is None:
-        result = run_in_uvloop(execute(cfg, target, recipe(), run_dir, offered))
-    print(console_table(result.summary))
+    with live.session(cfg.quiet):  # live progress on stderr while the run runs
+        result = scaled_run(cfg, target, recipe, run_dir, offered, ns.workers, ns.ray)  # None: one process
+        if result is None:
+            result = run_in_uvloop(execute(cfg, target, recipe(), run_dir, offered))
+    show_table(console_table(result.summary))
     print(f"run directory: {result.run_dir}")
     for hint in result.summary.get("hints", []):
         print(f"replay: hint: {hint}", file=sys.stderr)

@@ -52,6 +52,7 @@ class EngineState:
     errors: int = 0
     not_sent: int = 0
     prepared_late: int = 0  # requests the look-ahead made ready only after their send time
+    draining_since: float = 0.0  # perf_counter when dispatching ended and the drain began (0: not yet)
 
 
 class Engine:
@@ -107,6 +108,7 @@ class Engine:
         # Whatever the dispatcher did not reach is counted, never dropped.
         for req in ahead.rest():
             self._not_sent(req, errors.NOT_SENT_STOPPED)
+        self.state.draining_since = time.perf_counter()
         await self._drain()
 
     async def _dispatch(self, ahead: LookAhead) -> None:

@@ -96,6 +96,7 @@ def interval_row(
 ) -> dict[str, Any]:
     """One timeseries.jsonl row: what one interval did (one process or all workers merged)."""
     ttft = H.summary_ms(hists["ttft"])
+    itl = H.summary_ms(hists["itl"])
     return {
         "t_s": round(start_s + length_s, 3),
         "interval_s": round(length_s, 3),
@@ -111,5 +112,6 @@ def interval_row(
         "waiting_for_cap": waiting_for_cap,
         "ttft_p50_ms": ttft["p50"],
         "ttft_p99_ms": ttft["p99"],
-        "itl_p99_ms": H.summary_ms(hists["itl"])["p99"],
+        "itl_p50_ms": itl["p50"],
+        "itl_p99_ms": itl["p99"],
     }

@@ -11,22 +11,44 @@ waits at most that long for the GIL. zlib and numpy release the GIL in their hea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 JOB_SWITCH_INTERVAL_S = 0.0005
 
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved = 0.0
+
+
+@contextlib.contextmanager
+def short_switch_interval() -> Iterator[None]:
+    """The short GIL switch interval while any off-loop job runs. The interval is process-wide and
+    several threads use this (interval closes, the live display), so it is counted: the first user
+    saves the interval, the last one restores it (a plain save/restore per thread would race)."""
+    global _switch_users, _switch_saved
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(_switch_saved, JOB_SWITCH_INTERVAL_S))
+        _switch_users += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_users -= 1
+            if _switch_users == 0:
+                sys.setswitchinterval(_switch_saved)
+
 
 def _job(fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(min(before, JOB_SWITCH_INTERVAL_S))
-    try:
+    with short_switch_interval():
         return fn(*args)
-    finally:
-        sys.setswitchinterval(before)
 
 
 class OffLoop:

@@ -26,10 +26,10 @@ import psutil
 from replay.core.request import Request, RequestRecord
 from replay.core.target import Target
 from replay.engine.open_loop import Engine, EngineOptions
+from replay.run import live
 from replay.run.config import RunConfig
 from replay.run.files import IntervalLog, JsonlWriter, RequestLog, interval_row
 from replay.run.offloop import OffLoop
-from replay.run.progress import Progress
 from replay.run.sidecar import Sidecar
 from replay.schedule.synthetic import primed
 from replay.stats import histogram as H
@@ -103,6 +103,7 @@ class _Run:
         self.proc = psutil.Process()
         self.proc.cpu_percent()  # prime: the next call reports CPU since now
         self.rss_peak_mb = 0.0
+        self.feed: live.Feed | None = None  # the live display's view of this run, if one is shown
 
     def _sink(self, rec: RequestRecord) -> None:
         self.recorder.add(rec)
@@ -153,6 +154,8 @@ class _Run:
         self.timeseries.write(row)
         self.timeseries.flush()
         self.recorder.absorb(hists)
+        if self.feed is not None:
+            self.feed.row(row)
 
     async def execute(
         self, schedule: Iterable[Request], offered_rate: float | None, manage_target: bool
@@ -176,11 +179,8 @@ class _Run:
         self.monitor.start(self.t0)
         self.sidecar.start(self.t0)
         ticker = asyncio.ensure_future(self._intervals(hlog))
-        progress = (
-            Progress(self, self.cfg.duration_s, offered_rate) if Progress.wanted(self.cfg.quiet) else None
-        )
-        if progress:
-            progress.start()
+        self.feed = live.attach_engine(self.engine, self.recorder, self.cfg, self.t0, offered_rate,
+                                       self.run_dir.name)  # fmt: skip
         try:
             await self.engine.run(schedule, self.t0)
         finally:
@@ -192,12 +192,11 @@ class _Run:
             await self.offloop.idle()
             await self.monitor.stop()
             await self.sidecar.stop()
-            if progress:
-                await progress.stop()
             elapsed = time.perf_counter() - self.t0
             last_start = (elapsed // self.cfg.interval_s) * self.cfg.interval_s
             await self._close_interval(hlog, last_start, max(elapsed - last_start, 1e-3))
             self.offloop.close()
+            live.detach(self.feed)
             hlog.close()
             self.requests.close()
             self.timeseries.close()
@@ -222,6 +221,7 @@ class _Run:
             "loop_lag_max_ms": loop_lag["max"],
             "stalls": stalls,
             "client_cpu_percent": round(self.monitor.cpu_percent, 1),
+            "display": self.feed.cost() if self.feed else {"mode": "off"},
         }
         hists_out = dict(hists)
         hists_out["loop_lag"] = self.monitor.hist

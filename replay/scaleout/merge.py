@@ -149,8 +149,10 @@ class IntervalMerger:
         timeseries: JsonlWriter,
         interval_s: float,
         row_extra: Callable[[], dict[str, Any]] | None = None,  # e.g. the server sidecar's last sample
+        on_row: Callable[[dict[str, Any]], None] | None = None,  # e.g. the live display
     ) -> None:
         self.row_extra = row_extra
+        self.on_row = on_row
         self.hlog = hlog
         self.timeseries = timeseries
         self.interval_s = interval_s
@@ -216,6 +218,8 @@ class IntervalMerger:
         self.timeseries.write(row)
         self.timeseries.flush()
         self.written += 1
+        if self.on_row is not None:
+            self.on_row(row)
 
 
 def _order_key(line: bytes) -> tuple[float, int]:
@@ -261,6 +265,7 @@ def finish_run(
     merger: IntervalMerger | None = None,
     server: dict[str, Any] | None = None,
     bounds: Bounds | None = None,
+    display: dict[str, Any] | None = None,
 ) -> RunResult:
     """Merge the workers' results into summary.json, in the one-process form plus a `workers` section."""
     bounds = bounds or Bounds()
@@ -268,6 +273,7 @@ def finish_run(
     counts = merge_counts([r.counts for r in results])
     entries = worker_entries(results, bounds)
     selfcheck = merged_selfcheck(hists, entries, lost, bounds)
+    selfcheck["display"] = display or {"mode": "off"}  # the parent's live display (live.Feed.cost)
     partial = interrupted or bool(lost) or any(r.stopped for r in results)
     summary = build_summary(
         hists=hists,

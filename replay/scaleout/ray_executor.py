@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from replay.core.errors import ReplayError
+from replay.run import live
 from replay.run.config import RunConfig
 from replay.run.files import IntervalLog, JsonlWriter
 from replay.run.runner import START_LEAD_S, RunResult
@@ -214,12 +215,15 @@ async def execute_ray(
         hlog = IntervalLog(run_dir / "intervals.hlog", start_wall)
         timeseries = JsonlWriter(run_dir / "timeseries.jsonl")
         sidecar = Sidecar(server_target, run_dir)
-        merger = IntervalMerger(n, hlog, timeseries, cfg.interval_s, sidecar_row(sidecar))
+        t0 = time.perf_counter() + (start_wall - time.time())  # the driver's own t0
+        feed = live.attach_merged(cfg, t0, offered_rate, run_dir.name, f"Ray, {n} actors")
+        merger = IntervalMerger(n, hlog, timeseries, cfg.interval_s, sidecar_row(sidecar),
+                                feed.row if feed else None)  # fmt: skip
         pending = {
             asyncio.ensure_future(_aw(a.run.remote(start_wall + off))): w
             for w, (a, (off, _)) in enumerate(zip(actors, clocks, strict=True))
         }
-        sidecar.start(time.perf_counter() + (start_wall - time.time()))  # the driver's own t0
+        sidecar.start(t0)
         results: dict[int, WorkerResult] = {}
         lost: list[str] = []
         try:
@@ -239,6 +243,7 @@ async def execute_ray(
             await sidecar.stop()
             for w in range(n):
                 merger.worker_done(w)
+            live.detach(feed)
             hlog.close()
             timeseries.close()
         parts = [run_dir / f"requests-w{w}.jsonl" for w in range(n)]
@@ -270,6 +275,7 @@ async def execute_ray(
         target=target_info or (ordered[0].target if ordered else {}),
         merger=merger,
         server=sidecar.summary(),
+        display=feed.cost() if feed else None,
         executor={
             "mode": "ray",
             "count": n,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from replay.core.errors import ReplayError
+from replay.run import live
 from replay.run.config import RunConfig
 from replay.run.files import IntervalLog, JsonlWriter
 from replay.run.runner import START_LEAD_S, RunResult
@@ -291,7 +292,9 @@ async def execute_workers(
         t0 = time.perf_counter() + START_LEAD_S + START_MARGIN_S
         hlog = IntervalLog(run_dir / "intervals.hlog", time.time() + (t0 - time.perf_counter()))
         timeseries = JsonlWriter(run_dir / "timeseries.jsonl")
-        hub.merger = IntervalMerger(workers, hlog, timeseries, cfg.interval_s, sidecar_row(sidecar))
+        feed = live.attach_merged(cfg, t0, offered_rate, run_dir.name, f"{workers} workers")
+        hub.merger = IntervalMerger(workers, hlog, timeseries, cfg.interval_s, sidecar_row(sidecar),
+                                    feed.row if feed else None)  # fmt: skip
         hub.send_all(("start", t0))
         sidecar.start(t0)
         try:
@@ -300,6 +303,7 @@ async def execute_workers(
             await sidecar.stop()
             for w in range(workers):
                 hub.merger.worker_done(w)
+            live.detach(feed)
             hlog.close()
             timeseries.close()
         for w in range(workers):
@@ -324,6 +328,7 @@ async def execute_workers(
         executor={"mode": "processes", "count": workers},
         merger=hub.merger,
         server=sidecar.summary(),
+        display=feed.cost() if feed else None,
     )
 
 
