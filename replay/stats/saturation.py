@@ -7,8 +7,9 @@ costs nothing on the event loop and means the same for one process or merged wor
 
 - completed under load: ok completions in the intervals that end within the schedule's duration,
   per second of that span;
-- backlog growth: the change in requests in flight from the first to the last interval closed
-  within the schedule, per second (positive and sustained: arrivals outpace completions);
+- backlog growth: the change in requests outstanding (in flight, or waiting for a client-side
+  concurrency cap) from the first to the last interval closed within the schedule, per second
+  (positive and sustained: arrivals outpace completions);
 - best interval: the highest ok completion rate over any full interval of the run, drain
   included (with a backlog the server works flat out then): the rate it was seen to sustain.
 """
@@ -24,11 +25,13 @@ GROWTH_SHARE = 0.05
 class SaturationTracker:
     def __init__(self, interval_s: float) -> None:
         self.interval_s = interval_s
-        self._rows: list[tuple[float, float, int, int]] = []  # (end_s, length_s, ok, in_flight)
+        self._rows: list[tuple[float, float, int, int]] = []  # (end_s, length_s, ok, outstanding)
 
     def add(self, row: dict[str, Any]) -> None:
-        """One interval row (replay.run.files.interval_row): t_s, interval_s, ok, in_flight."""
-        r = (float(row["t_s"]), float(row["interval_s"]), int(row["ok"]), int(row["in_flight"]))
+        """One interval row (replay.run.files.interval_row): t_s, interval_s, ok, and the requests
+        outstanding at its close (in flight, plus any waiting for the client's concurrency cap)."""
+        outstanding = int(row["in_flight"]) + int(row.get("waiting_for_cap") or 0)
+        r = (float(row["t_s"]), float(row["interval_s"]), int(row["ok"]), outstanding)
         self._rows.append(r)
 
     def verdict(
