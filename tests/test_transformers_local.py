@@ -338,3 +338,80 @@ async def test_killed_model_process_fails_requests_by_kind(target: TransformersL
     await target.close()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert target.pids() == []
+
+
+async def _run_schedule(
+    target: TransformersLocalTarget, out: Path, rate: float, duration: float, drain_s: float
+) -> dict:
+    from replay.run.config import RunConfig
+    from replay.run.runner import execute
+    from replay.schedule import arrivals
+    from replay.schedule import synthetic as schedule
+    from replay.schedule.prompts import PromptBuilder
+
+    cfg = RunConfig(
+        target="transformers",
+        rate=rate,
+        duration_s=duration,
+        drain_timeout_s=drain_s,
+        interval_s=1,
+        quiet=True,
+    )
+    sched = schedule.synthetic(
+        arrivals.offsets(cfg.arrival_spec(), 0),
+        input_tokens=64,
+        output_tokens=64,
+        prompts=PromptBuilder(0, 4, target.vocab_size),
+        duration_s=duration,
+        max_requests=None,
+    )
+    res = await execute(cfg, target, sched, out, rate)
+    return res.summary
+
+
+async def test_killed_model_process_ends_the_run_cleanly(model_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL mid-run through the runner: the run ends on schedule (not after the 60 s drain), every
+    request is counted, the failures by kind, and no process is left behind."""
+    t = TransformersLocalTarget(
+        TransformersTargetConfig(model_dir=str(model_dir), warmup_requests=1, kv_cache_gib=0.125)
+    )
+    killed: list[int] = []
+
+    async def kill_after_some_tokens() -> None:
+        while not t.pids() or t.warmup_s is None:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(2.0)
+        killed.append(t.pids()[0])
+        os.kill(killed[0], signal.SIGKILL)
+
+    killer = asyncio.ensure_future(kill_after_some_tokens())
+    t0 = time.perf_counter()
+    s = await _run_schedule(t, tmp_path, rate=5.0, duration=6.0, drain_s=60.0)
+    elapsed = time.perf_counter() - t0
+    await killer
+    c = s["counts"]
+    assert c["accounted"] and c["unfinished"] == 0
+    assert c["errors"].get(errors.TARGET_DIED, 0) > 0 and set(c["errors"]) == {errors.TARGET_DIED}, c
+    assert c["ok"] > 0  # some finished before the kill
+    assert elapsed < t.load_s + 6.0 + 10.0, elapsed  # start-up + schedule + margin, not + the drain
+    assert not psutil.pid_exists(killed[0]) or psutil.Process(killed[0]).status() == psutil.STATUS_ZOMBIE
+    assert t.pids() == []
+
+
+async def test_overloaded_run_counts_unfinished_apart(model_dir: Path, tmp_path: Path) -> None:
+    """Far more than the model serves, a short drain: what is still in flight is `unfinished`, not an
+    error, the counts add up, and the summary's first line says the server was saturated."""
+    from replay.stats.summary import console_table
+
+    t = TransformersLocalTarget(
+        TransformersTargetConfig(model_dir=str(model_dir), warmup_requests=1, kv_cache_gib=0.125)
+    )
+    s = await _run_schedule(t, tmp_path, rate=60.0, duration=4.0, drain_s=1.0)
+    c, v = s["counts"], s["saturation"]
+    assert c["accounted"] and not c["errors"] and not c["not_sent"]
+    assert c["unfinished"] > 0 and c["ok"] + c["unfinished"] == c["scheduled"]
+    assert v["verdict"] == "saturated" and v["unfinished"] == c["unfinished"]
+    lines = console_table(s).splitlines()
+    assert lines[0].startswith("SERVER SATURATED: offered 60.0 req/s")
+    assert any("still in flight at the drain deadline" in ln for ln in lines[:4])
+    assert t.pids() == []
