@@ -29,6 +29,18 @@ class Capture:
     raw: bytes
     screen: list[str]  # the final screen, one string per row (trailing blanks stripped)
     frames: list[str] = field(default_factory=list)  # the whole screen after each read, joined
+    cells: list[list[tuple[str, str, bool]]] = field(default_factory=list)  # final (char, fg, bold)
+
+    def colours(self, word: str) -> list[tuple[str, bool]]:
+        """(foreground colour, bold) of the first letter of each place `word` is on the final screen."""
+        out = []
+        for y, row in enumerate(self.screen):
+            x = row.find(word)
+            while x >= 0:
+                _, fg, bold = self.cells[y][x]
+                out.append((fg, bold))
+                x = row.find(word, x + 1)
+        return out
 
     @property
     def text(self) -> str:
@@ -44,7 +56,6 @@ def run_in_pty(argv: list[str], env: dict[str, str], timeout_s: float = 120.0) -
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLS, 0, 0))
     env = {**env, "TERM": "xterm-256color", "COLUMNS": str(COLS), "LINES": str(ROWS)}
-    env.pop("NO_COLOR", None)
     proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
     os.close(slave)
     screen = pyte.Screen(COLS, ROWS)
@@ -79,4 +90,6 @@ def run_in_pty(argv: list[str], env: dict[str, str], timeout_s: float = 120.0) -
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    return Capture(proc.returncode, bytes(raw), [row.rstrip() for row in screen.display], frames)
+    buf = screen.buffer
+    cells = [[(buf[y][x].data, buf[y][x].fg, buf[y][x].bold) for x in range(COLS)] for y in range(ROWS)]
+    return Capture(proc.returncode, bytes(raw), [row.rstrip() for row in screen.display], frames, cells)

@@ -100,4 +100,3 @@ def show_table(plain: str, stream: IO[str] | None = None) -> None:
         print(plain, file=stream, flush=True)
     else:
         console(stream).print(table_text(plain))
-

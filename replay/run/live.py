@@ -35,10 +35,10 @@ from rich.live import Live
 from rich.text import Text
 
 from replay.run.colour import console, plain_wanted, verdict_line
+from replay.run.live_view import Snapshot, counts_text, plain_row, render
 from replay.run.offloop import short_switch_interval
 
 REFRESH_HZ = 2.0
-BAR_WIDTH = 40
 _CURRENT: ContextVar[Display | None] = ContextVar("replay_live_display", default=None)
 
 
@@ -60,18 +60,6 @@ def session(quiet: bool = False, stream: IO[str] | None = None) -> Iterator[Disp
     finally:
         _CURRENT.reset(token)
         display.close()
-
-
-@dataclass
-class Snapshot:
-    elapsed_s: float
-    sent: int | None
-    in_flight: int | None
-    ok: int
-    errors: dict[str, int]
-    not_sent: int
-    drain_left_s: float | None  # None: not draining
-    row: dict[str, Any] | None  # the last interval row
 
 
 @dataclass
@@ -324,14 +312,14 @@ class Display:
             out.append(self._lines.popleft())
         for f in feeds:
             while f.new_rows:
-                out.append(plain_row(f, f.new_rows.popleft()))
+                out.append(plain_row(f, f.snapshot(now), f.new_rows.popleft()))
             snap = f.final or f.snapshot(now)
             if f.final is None and snap.drain_left_s is not None and snap.in_flight and not f.drain_announced:
                 f.drain_announced = True
                 out.append(f"{f.title} | draining {snap.in_flight} in flight, {snap.drain_left_s:.0f} s left")
             if f.final is not None and not f.ended:
                 f.ended = True
-                out.append(f"{f.title} | done in {snap.elapsed_s:.1f} s: {_counts_text(f, snap)}")
+                out.append(f"{f.title} | done in {snap.elapsed_s:.1f} s: {counts_text(f, snap)}")
         if out:
             self.stream.write("\n".join(out) + "\n")
             self.stream.flush()
@@ -340,80 +328,3 @@ class Display:
         if self._live is not None:
             live, self._live = self._live, None
             live.stop()
-
-
-# ---- what is shown ------------------------------------------------------------------------------
-
-
-def _n(v: float | None) -> str:
-    return "-" if v is None else f"{v:,.0f}"
-
-
-def _ms(v: float | None) -> str:
-    return "-" if v is None else (f"{v:.1f}" if v < 100 else f"{v:,.0f}")
-
-
-def _sec(v: float) -> str:
-    return f"{v:.0f}" if abs(v - round(v)) < 0.05 else f"{v:.1f}"
-
-
-def _counts_text(f: Feed, s: Snapshot) -> str:
-    planned = "" if f.planned_requests is None else (
-        f" / {'' if f.exact_requests else '~'}{_n(f.planned_requests)}")  # fmt: skip
-    errs = sum(s.errors.values())
-    kinds = f" ({', '.join(f'{k} {v}' for k, v in sorted(s.errors.items()))})" if errs else ""
-    text = f"sent {_n(s.sent)}{planned}, in flight {_n(s.in_flight)}, ok {_n(s.ok)}, errors {errs}{kinds}"
-    return text + (f", not sent {s.not_sent}" if s.not_sent else "")
-
-
-def _latency_text(row: dict[str, Any] | None) -> str:
-    if row is None:
-        return "last interval: -"
-    t1 = row["t_s"]
-    t0 = t1 - row["interval_s"]
-    return (f"last interval {_sec(t0)}-{_sec(t1)} s: TTFT p50/p99 {_ms(row.get('ttft_p50_ms'))}/"
-            f"{_ms(row.get('ttft_p99_ms'))} ms, ITL p50/p99 {_ms(row.get('itl_p50_ms'))}/"
-            f"{_ms(row.get('itl_p99_ms'))} ms")  # fmt: skip
-
-
-def plain_row(f: Feed, row: dict[str, Any]) -> str:
-    """One plain line per interval row: its end time, the run's counts so far, its latencies."""
-    snap = f.snapshot(time.perf_counter())
-    planned = "" if f.planned_s is None else f" / {f.planned_s:.0f} s"
-    return f"{f.title} | {row['t_s']:.0f}{planned} | {_counts_text(f, snap)} | {_latency_text(row)}"
-
-
-def render(f: Feed, s: Snapshot, done: bool = False) -> Text:
-    """The live region of one run: title, elapsed / planned with a bar, counts, last interval."""
-    t = Text()
-    t.append(f.title, style="bold")
-    t.append("\n  ")
-    planned = f" / {f.planned_s:.0f} s" if f.planned_s else ""
-    t.append(f"{s.elapsed_s:6.1f} s{planned}  ")
-    frac = None
-    if f.planned_s:
-        frac = min(1.0, s.elapsed_s / f.planned_s)
-    elif f.planned_requests and s.sent is not None:
-        frac = min(1.0, s.sent / f.planned_requests)
-    if frac is not None:
-        filled = round(frac * BAR_WIDTH)
-        t.append("━" * filled, style="green" if done else "magenta")
-        t.append("━" * (BAR_WIDTH - filled), style="grey37")
-        t.append(f" {frac:4.0%}")
-    if done:
-        t.append("  done", style="bold green")
-    elif s.drain_left_s is not None:
-        t.append(f"  draining {s.in_flight} in flight: {s.drain_left_s:.0f} s left", style="bold yellow")
-    t.append("\n  ")
-    planned_n = "" if f.planned_requests is None else (
-        f" / {'' if f.exact_requests else '~'}{_n(f.planned_requests)}")  # fmt: skip
-    t.append(f"sent {_n(s.sent)}{planned_n}   in flight {_n(s.in_flight)}   ")
-    t.append(f"ok {_n(s.ok)}", style="green")
-    errs = sum(s.errors.values())
-    kinds = f" ({', '.join(f'{k} {v}' for k, v in sorted(s.errors.items()))})" if errs else ""
-    t.append(f"   errors {errs}{kinds}", style="bold red" if errs else "")
-    if s.not_sent:
-        t.append(f"   not sent {s.not_sent}", style="yellow")
-    t.append("\n  ")
-    t.append(_latency_text(s.row), style="cyan")
-    return t

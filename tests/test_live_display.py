@@ -1,0 +1,186 @@
+"""The live display as a user sees it: `replay run` (one process, --workers 2) and `replay capacity`
+on a pseudo-terminal, replayed through a terminal emulator (pyte) into screens, and the plain lines
+that a pipe or NO_COLOR gets.
+
+Truths: the stub server in its own process (GET /stub/truth: the requests it served), each
+interval's row in timeseries.jsonl for the figures the display must show of that interval, and the
+byte stream the terminal received for how often the display redrew.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from pty_screen import Capture, run_in_pty
+
+from replay.run.live import REFRESH_HZ
+from replay.run.offloop import short_switch_interval
+from replay.stub.server import StubProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {k: v for k, v in os.environ.items() if k != "NO_COLOR"} | {"PYTHONPATH": str(ROOT)}
+REPLAY = [sys.executable, "-m", "replay"]
+COLOUR = {"PASS": "green", "FAIL": "red", "UNDECIDED": "yellow", "UNTRUSTED": "magenta"}
+NUM = r"([\d,.]+|-)"
+INTERVAL_RE = re.compile(
+    rf"last interval {NUM}-{NUM} s: TTFT p50/p99 {NUM}/{NUM} ms, ITL p50/p99 {NUM}/{NUM} ms"
+)
+
+
+@pytest.fixture(scope="module")
+def stub():
+    with StubProcess(["--ttft-ms", "20", "--itl-ms", "5"]) as p:
+        yield p
+
+
+def _stub_call(stub: StubProcess, path: str, method: str = "GET") -> dict:
+    req = urllib.request.Request(stub.base_url.removesuffix("/v1") + path, method=method)
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def served(stub: StubProcess) -> int:
+    return _stub_call(stub, "/stub/truth")["served"]
+
+
+def _num(text: str) -> float | None:
+    return None if text == "-" else float(text.replace(",", ""))
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "timeseries.jsonl").read_text().splitlines()]
+
+
+def check_live_run(cap: Capture, run_dir: Path, title: str, planned_s: float, stub: StubProcess) -> dict:
+    """What every live run must show: returns the run's summary."""
+    assert cap.returncode == 0, cap.text
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = _rows(run_dir)
+    # While it ran: elapsed / planned moving on, sent / scheduled, in flight, ok, errors.
+    live = [f for f in cap.frames if title in f and " done" not in f]
+    elapsed = {float(m) for f in live for m in re.findall(rf"(\d+\.\d) s / {planned_s:g} s", f)}
+    assert len(elapsed) >= 3, live[-1:]  # redrawn in place as the run went on
+    assert any(re.search(r"sent [\d,]+ / ~[\d,]+ +in flight \d+ +ok [\d,]+ +errors 0", f) for f in live)
+    # Each interval's latencies as its row has them (percentiles come from the rows, never recomputed).
+    shown = {}
+    for f in cap.frames:
+        for m in INTERVAL_RE.finditer(f):
+            shown[_num(m.group(2))] = [_num(g) for g in m.groups()[2:]]
+    by_end = {round(r["t_s"], 1): r for r in rows}
+    assert shown, cap.frames[-1]
+    for end, figures in shown.items():
+        row = min(by_end.items(), key=lambda kv: abs(kv[0] - end))[1]
+        truth = [row[k] for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")]
+        for a, b in zip(figures, truth, strict=True):
+            assert a == pytest.approx(b, abs=0.051), (end, figures, row)
+    # The stub served every request the display counts as ok at the end.
+    final = cap.text
+    m = re.search(r"sent ([\d,]+) / ~[\d,]+ +in flight 0 +ok ([\d,]+) +errors 0", final)
+    assert m and " done" in final, final
+    assert int(m.group(2).replace(",", "")) == served(stub) == summary["counts"]["ok"]
+    # At most a few redraws a second: the terminal received the title once per redraw.
+    redraws = cap.raw.count(title.encode())
+    span = summary["throughput"]["span_s"] + 1.0
+    assert 3 <= redraws <= REFRESH_HZ * span + 3, (redraws, span)
+    display = summary["selfcheck"]["display"]
+    assert display["mode"] == "live" and display["refreshes"] >= 3
+    assert display["render_ms_max"] is not None
+    # The end-of-run table's verdicts in colour.
+    verdict = "green" if summary["selfcheck"]["trustworthy"] else "red"
+    assert cap.colours("self-check:")[0] == (verdict, True), cap.colours("self-check:")
+    assert "green" in [fg for fg, _ in cap.colours("errors 0")]
+    return summary
+
+
+def test_single_process_run_on_a_terminal(stub, tmp_path):
+    _stub_call(stub, "/stub/reset", "POST")
+    out = tmp_path / "one"
+    argv = ["run", "--target", stub.base_url, "--rate", "40", "--duration", "4", "--output-tokens", "16",
+            "--interval", "1s", "--workers", "1", "--out", str(out)]  # fmt: skip
+    cap = run_in_pty([*REPLAY, *argv], ENV)
+    summary = check_live_run(cap, out, "one: open loop, 40 req/s", 4, stub)
+    assert "workers" not in summary
+
+
+def test_two_workers_on_a_terminal(stub, tmp_path):
+    _stub_call(stub, "/stub/reset", "POST")
+    out = tmp_path / "two"
+    argv = ["run", "--target", stub.base_url, "--rate", "40", "--duration", "4", "--output-tokens", "16",
+            "--interval", "1s", "--workers", "2", "--out", str(out)]  # fmt: skip
+    cap = run_in_pty([*REPLAY, *argv], ENV)
+    summary = check_live_run(cap, out, "two: open loop, 40 req/s, 2 workers", 4, stub)
+    assert summary["workers"]["count"] == 2
+
+
+@pytest.mark.parametrize("how", ["pipe", "no_color"])
+def test_plain_lines_without_escape_codes(stub, tmp_path, how):
+    out = tmp_path / "plain"
+    argv = [*REPLAY, "run", "--target", stub.base_url, "--rate", "30", "--duration", "3",
+            "--output-tokens", "8", "--interval", "1s", "--out", str(out)]  # fmt: skip
+    if how == "pipe":
+        r = subprocess.run(argv, capture_output=True, text=True, env=ENV, timeout=120)
+        assert r.returncode == 0, r.stderr
+        stream, progress = r.stdout + r.stderr, r.stderr
+    else:
+        cap = run_in_pty(argv, ENV | {"NO_COLOR": "1"})
+        assert cap.returncode == 0, cap.text
+        stream = progress = cap.raw.decode()
+    assert "\x1b" not in stream
+    rows = _rows(out)
+    lines = [ln for ln in progress.splitlines() if ln.startswith("plain: open loop, 30 req/s | ")]
+    # One line per interval (its end, the counts so far, its latencies), then the end.
+    per_row = [ln for ln in lines if INTERVAL_RE.search(ln)]
+    assert len(per_row) == len(rows), lines
+    for ln, row in zip(per_row, rows, strict=True):
+        assert f"| {row['t_s']:.0f} / 3 s |" in ln
+        assert f"TTFT p50/p99 {row['ttft_p50_ms']:.1f}/" in ln
+    assert re.search(r"\| done in \d+\.\d s: sent \d+ / ~90, in flight 0, ok \d+, errors 0$", lines[-1])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["selfcheck"]["display"]["mode"] == "plain"
+    assert "self-check: " in stream
+
+
+def test_capacity_search_on_a_terminal(tmp_path):
+    """Every probe level and step is shown live while it runs, and its verdict line stays, in colour."""
+    out = tmp_path / "cap"
+    with StubProcess(["--max-concurrency", "4", "--ttft-ms", "20", "--itl-ms", "5"]) as stub:
+        argv = ["capacity", "--target", stub.base_url, "--slo", "ttft_p99<=300ms", "--input-tokens", "8",
+                "--output-tokens", "8", "--probe-duration", "1", "--probe-max-concurrency", "2",
+                "--step", "4", "--warmup", "1", "--max-steps", "2", "--budget", "60",
+                "--out", str(out)]  # fmt: skip
+        cap = run_in_pty([*REPLAY, *argv], ENV, timeout_s=240)
+    assert cap.returncode in (0, 1, 4), cap.text
+    doc = json.loads((out / "capacity.json").read_text())
+    assert doc["probe"] and doc["steps"], cap.text
+    for level in doc["probe"]:
+        c = level["concurrency"]
+        assert cap.shown(f"c{c:03d}: closed loop, {c} streams"), c  # its run, live
+        words = "SLO met" if level["slo_met"] else "SLO missed"
+        line = next(ln for ln in cap.screen if ln.startswith(f"probe c={c}:"))
+        assert words in line
+        assert cap.colours(words)[0][0] == ("green" if level["slo_met"] else "red")
+    for step in doc["steps"]:
+        rate = f"{step['rate_req_s']:.4g} req/s"
+        assert cap.shown(f"open loop, {rate}"), rate  # its run, live
+        verdict = step["verdict"].upper()
+        lines = [(y, ln) for y, ln in enumerate(cap.screen) if rate in ln and f": {verdict}" in ln]
+        assert lines, (rate, verdict, cap.text)
+        y, ln = lines[0]
+        x = ln.index(f": {verdict}") + 2
+        assert cap.cells[y][x][1] == COLOUR[verdict], (ln, cap.cells[y][x])
+
+
+def test_short_switch_interval_is_restored_by_the_last_user():
+    before = sys.getswitchinterval()
+    with short_switch_interval():
+        with short_switch_interval():
+            assert sys.getswitchinterval() <= 0.0005
+        assert sys.getswitchinterval() <= 0.0005  # the outer user still runs
+    assert sys.getswitchinterval() == before
