@@ -264,7 +264,6 @@ class Conn(asyncio.Protocol):
             pos += 2
             st = _SIZE
         find = buf.find
-        startswith = buf.startswith
         append = parts.append
         while st == _SIZE:
             eol = find(b"\r\n", pos)
@@ -285,7 +284,7 @@ class Conn(asyncio.Protocol):
             start = eol + 2
             end = start + size
             if end + 2 <= n:  # the whole chunk and its CRLF are here: the common case
-                if not startswith(b"\r\n", end):
+                if buf[end] != 13 or buf[end + 1] != 10:  # CR LF (indexing: no argument parsing)
                     raise Failure(errors.MALFORMED, "chunked body: chunk data not followed by CRLF")
                 append(buf[start:end])
                 pos = end + 2

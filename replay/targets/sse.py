@@ -52,12 +52,15 @@ class SSEDecoder:
         append = out.append
         clean = self._clean
         for piece in pieces:
-            if (clean and piece.startswith(b"data: ") and piece.endswith(b"\n\n")
-                    and piece.find(b"\n", 6, -2) < 0 and b"\r" not in piece):  # fmt: skip
-                append(piece[6:-2])
-            else:
-                out += self.events(piece)
-                clean = self._clean
+            # Slices, indexing and `int in bytes` (a memchr): on CPython 3.11 startswith/find parse an
+            # argument tuple per call, and `b"\n" in x` first fails (an exception) as an int lookup.
+            if clean and piece[:6] == b"data: " and piece[-1] == 10 and piece[-2] == 10:
+                payload = piece[6:-2]
+                if 10 not in payload and 13 not in payload:  # no LF, no CR: exactly one line
+                    append(payload)
+                    continue
+            out += self.events(piece)
+            clean = self._clean
         return out
 
     def events(self, chunk: bytes) -> list[bytes]:
@@ -75,7 +78,7 @@ class SSEDecoder:
         if self._cr_pending:
             chunk = b"\r" + chunk
             self._cr_pending = False
-        if b"\r" in chunk:
+        if 13 in chunk:  # a CR
             # A CR at the very end may be the first half of a CRLF: hold it back for the next feed.
             if chunk.endswith(b"\r"):
                 chunk = chunk[:-1]
@@ -100,7 +103,7 @@ class SSEDecoder:
         out: list[bytes] = []
         data = self._data
         for ev in parts:
-            if not data and ev[:6] == b"data: " and b"\n" not in ev:
+            if not data and ev[:6] == b"data: " and 10 not in ev:
                 out.append(ev[6:])  # the common event: one data line
             else:
                 self._lines(ev.split(b"\n"), out)
