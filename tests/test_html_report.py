@@ -199,6 +199,9 @@ def _check_page(opened: Opened, figures: tuple[str, ...]) -> list[dict]:
         got = page.locator(f"#{fig_id}").evaluate(OVERLAPS_JS)
         assert got["overlaps"] == [], (fig_id, got)
     assert page.evaluate(HOVER_TEXTS_JS) == []
+    page.locator(f"#{figures[0]} div.plot").hover()  # the tool bar: nothing that uploads the chart
+    titles = page.locator(f"#{figures[0]} .modebar-btn").evaluate_all("bs => bs.map(b => b.dataset.title)")
+    assert "Zoom in" in titles and not [t for t in titles if "Share" in t or "Cloud" in t], titles
     assert opened.shot.stat().st_size > 50_000
     return figs
 
@@ -260,6 +263,14 @@ def test_capacity_report_in_chromium(capacity_dir, browser, tmp_path):
         ax = page.evaluate(AXIS_JS, fig)
         assert ax["type"] == "linear" and ax["range"][1] >= top, ax
         assert page.locator(f"#{fig}").evaluate(OVERLAPS_JS)["overlaps"] == []
+
+        # Zoom: the tool bar's zoom-in narrows the offered-rate axis.
+        width = "(f) => { const r = document.querySelector('#' + f + ' div.plot')._fullLayout.xaxis.range;"
+        width += " return r[1] - r[0]; }"
+        before = page.evaluate(width, "goodput")
+        page.locator("#goodput div.plot").hover()
+        page.locator('#goodput .modebar-btn[data-title="Zoom in"]').click()
+        assert page.evaluate(width, "goodput") < 0.9 * before
     finally:
         opened.close()
     text = md.read_text()

@@ -238,7 +238,12 @@ def figure(c: Chart) -> dict[str, Any]:
                 ],
             }
         ]
-    config = {"responsive": True, "displaylogo": False, "modeBarButtonsToRemove": ["select2d", "lasso2d"]}
+    config = {
+        "responsive": True,
+        "displaylogo": False,
+        "showSendToCloud": False,  # plotly.js 3 offers to upload the chart by default: never from a report
+        "modeBarButtonsToRemove": ["select2d", "lasso2d"],
+    }
     return {"data": _traces(c), "layout": layout, "config": config}
 
 

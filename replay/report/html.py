@@ -43,7 +43,7 @@ def _page(title: str, body: list[str]) -> str:
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
         '<meta http-equiv="Content-Security-Policy" '
-        "content=\"default-src 'none'; script-src 'unsafe-inline' 'unsafe-eval'; "
+        "content=\"default-src 'none'; script-src 'unsafe-inline'; "
         "style-src 'unsafe-inline'; img-src data: blob:; font-src data:\">"
         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>"
         + "\n".join(body)
