@@ -10,9 +10,12 @@ process of the host. A client record and the stub's record of the same request s
 
 each >= 0 by causality, and on loopback at light load a fraction of a millisecond.
 
-Tolerances (`SEND_P50_MS` ...) come from measured noise: 10 runs of each check on the shared
-2-core test machine, worst run plus margin, all below 2 ms so that a client which adds 2 ms
-anywhere on the path (a late send, a late stamp, a slow read) fails. Figures: see each test.
+Tolerances come from measured noise (10-20 runs of each test on the shared 2-core machine at load
+average 5-12; figures beside each test's bounds) and sit below 2 ms, so that a client which adds
+2 ms anywhere on the path (a late send, a stamp taken early or late, a slow read) fails. Such a
+regression adds its delay to every request, while CPU contention delays only some: shifts are
+therefore judged at the `SHIFT_Q`th percentile of the per-request errors, which contention moves
+least (at p50 the same runs read up to 3.3 ms on a loaded machine).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import orjson
 
 from replay.core.request import Request
 from replay.targets.openai_http import OpenAIHTTPTarget
+
+SHIFT_Q = 10
 
 
 class IdTarget(OpenAIHTTPTarget):
@@ -70,6 +75,17 @@ def served_by_id(doc: dict[str, Any]) -> dict[int, Served]:
         assert int(rid) not in out, f"request {rid} served twice"
         out[int(rid)] = Served(t_recv, t_admit, t_first, t_end, tokens)
     return out
+
+
+def served_by_order(doc: dict[str, Any], rows: list[dict[str, Any]]) -> dict[int, Served]:
+    """For a client that sends no request id (the `replay` command line): the stub's records in
+    order of receipt given to the ok rows in order of sending (run-relative `sent_s`, one timeline
+    for every worker). Two sends closer than the transit jitter may swap; at light load the stub
+    serves both the same TTFT, so per-request errors stay right to within that jitter."""
+    ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["sent_s"])
+    recs = sorted(doc["requests"], key=lambda x: x[0])
+    assert len(recs) == len(ok), f"the stub served {len(recs)} requests, the client counts {len(ok)} ok"
+    return {r["id"]: Served(*x[:5]) for r, x in zip(ok, recs, strict=True)}
 
 
 class Paired(NamedTuple):

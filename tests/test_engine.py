@@ -5,7 +5,7 @@ import asyncio
 import time
 
 import numpy as np
-from stub_truth import IdTarget, pair, pct, served_by_id, truth
+from stub_truth import SHIFT_Q, IdTarget, pair, pct, served_by_id, truth
 
 from replay.core.request import Request, RequestRecord
 from replay.engine.open_loop import Engine, EngineOptions
@@ -49,18 +49,15 @@ def against_stub(stub_args, schedule, options=None):
     return got, t0, doc
 
 
-# Tolerances in ms. A regression in the client (a late send, an early or late stamp, a slow read)
-# adds its delay to every request, while CPU contention on a shared machine only delays some: so
-# shifts are judged on a low percentile (p25; p10 for the send lateness, which also carries the
-# timer's), which contention moves least. Noise, 10 runs of each test at load average ~10 on the
-# shared 2-core machine (p25 unless said): TTFT error 0.20-0.62, send transit <= 0.66 and read
-# transit <= 0.35 (p50), E2E error <= 0.48 (p50 <= 1.9), send lateness p10 0.01-0.82, client ITL p50
-# minus served p50 -0.65..0.00; the capped run's TTFT error 0.33-0.45, intended-TTFT error p50 0.10-0.14.
-# With 2 ms injected (first token stamped late, sent stamped early, sends delayed, or every token
-# gap 2 ms longer) the matching figure read 2.1-3.7. Each bound sits between the two.
-SEND_P25 = READ_P25 = 1.0
-TTFT_ERR_P25 = E2E_ERR_P25 = LATE_P10 = 1.5
-ITL_MEAN_P50 = 1.0
+# Tolerances in ms, on the SHIFT_Q-th percentile of per-request errors (see stub_truth). Noise, 10
+# runs of both tests at load average 9-11 on the shared 2-core machine: TTFT error 0.08-0.14, E2E
+# error 0.09-0.15, send transit 0.06-0.09, read transit 0.01-0.02, lateness at the stub -0.08..0.54
+# (0.82 in an earlier series: the timer's share, hence its wider bound), mean-ITL error median
+# -0.02..0.00; capped run: TTFT error 0.16-0.20, intended-TTFT error 0.05-0.08. With 2 ms injected in
+# a one-off check (first token stamped 2 ms late; sent stamped 2 ms early; sends 2 ms late; every
+# token gap 2 ms longer) the matching figures read 2.01-2.64 (lateness 1.95-2.33).
+SEND_MS = READ_MS = TTFT_ERR_MS = E2E_ERR_MS = ITL_MEAN_MS = 1.0
+LATE_MS = 1.5
 
 
 def test_light_load_ttft_itl_match_the_stubs_served_records():
@@ -72,15 +69,15 @@ def test_light_load_ttft_itl_match_the_stubs_served_records():
     p = pair([r.to_json() for r in got], served_by_id(doc))
     p.assert_causal(t0)  # request by request: sent <= received <= first written <= first read
     # Client TTFT minus the stub's served TTFT for the same request is two loopback transits.
-    assert pct(p.send_ms(t0), 25) < SEND_P25 and pct(p.read_ms(t0), 25) < READ_P25
-    assert pct(p.ttft_err_ms, 25) < TTFT_ERR_P25, np.round(np.sort(p.ttft_err_ms), 3)
-    assert pct(p.e2e_err_ms, 25) < E2E_ERR_P25, np.round(np.sort(p.e2e_err_ms), 3)
+    assert pct(p.send_ms(t0), SHIFT_Q) < SEND_MS and pct(p.read_ms(t0), SHIFT_Q) < READ_MS
+    assert pct(p.ttft_err_ms, SHIFT_Q) < TTFT_ERR_MS, np.round(np.sort(p.ttft_err_ms), 3)
+    assert pct(p.e2e_err_ms, SHIFT_Q) < E2E_ERR_MS, np.round(np.sort(p.e2e_err_ms), 3)
     # Sends on the absolute timeline: the stub received them at t0 + intended, give or take the timer.
-    assert pct(p.late_ms(t0), 10) < LATE_P10, np.round(np.sort(p.late_ms(t0)), 3)
+    assert pct(p.late_ms(t0), SHIFT_Q) < LATE_MS, np.round(np.sort(p.late_ms(t0)), 3)
     # ITL: each request's mean against the stub's for it (first to last write).
     assert sum(len(r.itls()) for r in got) == 40 * 15 == doc["itl_ms"]["count"]
     err = p.itl_mean_err_ms  # a stalled read moves a few requests' spans: judged at the median
-    assert abs(pct(err, 50)) < ITL_MEAN_P50, np.round(np.sort(err), 3)
+    assert abs(pct(err, 50)) < ITL_MEAN_MS, np.round(np.sort(err), 3)
 
 
 def test_concurrency_cap_wait_shows_in_intended_metrics():
@@ -99,12 +96,12 @@ def test_concurrency_cap_wait_shows_in_intended_metrics():
     wait = p.late_ms(t0)
     assert np.all(np.diff(wait) > 4.9), np.round(wait, 2)
     # TTFT from the send is the served TTFT plus transit, the cap's wait excluded...
-    assert pct(p.ttft_err_ms, 25) < TTFT_ERR_P25, np.round(np.sort(p.ttft_err_ms), 3)
+    assert pct(p.ttft_err_ms, SHIFT_Q) < TTFT_ERR_MS, np.round(np.sort(p.ttft_err_ms), 3)
     # ...and the TTFT from the intended time is the stub's first write minus the intended time
     # (the whole client-side wait included), request by request.
     ttft_int = np.array([r.ttft_intended() for r in sorted(got, key=lambda r: r.id)]) * 1e3
     truth_int = (p.written - (t0 + p.intended)) * 1e3
-    assert np.all(ttft_int >= truth_int - 1e-3) and pct(ttft_int - truth_int, 25) < READ_P25
+    assert np.all(ttft_int >= truth_int - 1e-3) and pct(ttft_int - truth_int, SHIFT_Q) < READ_MS
     # The generator itself was on time: the cap, not the timer, made them wait.
     assert np.median([r.dispatch_lag() for r in got]) < 0.003
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import uvloop
 from aiohttp import web
-from stub_truth import IdTarget, pair, pct, served_by_id, truth
+from stub_truth import SHIFT_Q, IdTarget, pair, pct, served_by_id, truth
 
 from replay.core import errors
 from replay.core.errors import ReplayError
@@ -86,14 +86,13 @@ def light_load_run(vllm: bool) -> tuple[list[RequestRecord], dict[str, Any]]:
         return recs, truth(stub.base_url)
 
 
-# Tolerances in ms. A client that mis-stamps or reads late does it on every request, while CPU
-# contention on the shared machine delays only some: TTFT shifts are judged on p25, which contention
-# moves least. Noise, 20 runs of each variant at load average 10-12 on the shared 2-core machine:
-# TTFT error p25 0.06-0.47 (p50 up to 3.3: why not p50), send transit p25 <= 0.24, read transit p25
-# <= 0.06, per-request mean ITL error |p90| 0.05-0.51. With 2 ms injected (first token stamped late,
-# sent stamped early, every token gap 2 ms longer) the matching figure read 2.0-5.0.
-SEND_P25 = READ_P25 = ITL_MEAN_P50 = 1.0
-TTFT_ERR_P25 = 1.5
+# Tolerances in ms, on the SHIFT_Q-th percentile of per-request errors (see stub_truth). Noise, 10
+# runs of each variant at load average 9-10 on the shared 2-core machine: TTFT error 0.06-0.10 (its
+# p50 read up to 3.3 in an earlier, busier series: why not p50), send transit 0.04-0.07, read transit
+# 0.01, mean-ITL error median -0.003..0.002 (the pooled ITL p50 moved by up to 1 ms: why not that).
+# With 2 ms injected in a one-off check (first token stamped late; sent stamped early; every token
+# gap 2 ms longer) the matching figures read 2.00-2.33.
+SEND_MS = READ_MS = TTFT_ERR_MS = ITL_MEAN_MS = 1.0
 
 
 @pytest.mark.parametrize("vllm", [True, False], ids=["vllm-continuous-usage", "plain-openai"])
@@ -111,14 +110,14 @@ def test_light_load_measures_what_the_stub_served(vllm: bool) -> None:
     # The target's stamps are absolute perf_counter values (no engine rebased them): t0 = 0.
     p = pair([r.to_json() for r in recs], served_by_id(doc))
     p.assert_causal(0.0)  # request by request: sent <= received <= first written <= first read
-    assert pct(p.send_ms(0.0), 25) < SEND_P25 and pct(p.read_ms(0.0), 25) < READ_P25
-    assert pct(p.ttft_err_ms, 25) < TTFT_ERR_P25, np.round(np.sort(p.ttft_err_ms), 3)
+    assert pct(p.send_ms(0.0), SHIFT_Q) < SEND_MS and pct(p.read_ms(0.0), SHIFT_Q) < READ_MS
+    assert pct(p.ttft_err_ms, SHIFT_Q) < TTFT_ERR_MS, np.round(np.sort(p.ttft_err_ms), 3)
     itls = np.concatenate([r.itls() for r in recs])
     assert len(itls) == 50 * (N_OUT - 1) == doc["itl_ms"]["count"]
     # ITL: each request's mean against the stub's for it (its first to last write). The pooled
     # distribution's p50 moves by up to 1 ms on a loaded machine (reads batch), so it is not used.
     err = p.itl_mean_err_ms  # a stalled read moves a few requests' spans: judged at the median
-    assert abs(pct(err, 50)) < ITL_MEAN_P50, np.round(np.sort(err), 3)
+    assert abs(pct(err, 50)) < ITL_MEAN_MS, np.round(np.sort(err), 3)
 
 
 @pytest.mark.parametrize("vllm", [True, False], ids=["vllm-continuous-usage", "plain-openai"])

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
-from stub_truth import IdTarget, pair, pct, reset, served_by_id, truth
+from stub_truth import SHIFT_Q, IdTarget, pair, pct, reset, served_by_id, truth
 
 from replay.core.errors import ReplayError
 from replay.core.request import Request, RequestRecord
@@ -75,13 +75,14 @@ def rows(path: Path) -> list[dict[str, Any]]:
 
 
 CFG = RunConfig(target="fake", rate=150.0, duration_s=2.0, output_tokens=12, interval_s=0.5, seed=7)
-# ms. Noise, 20 runs of the two-worker test at load average 5-10 on the shared 2-core machine: TTFT
-# error p25 <= 0.46 (one process) and <= 0.34 (two workers), E2E error p25 <= 0.51, mean-ITL error
-# median |x| <= 0.001; the workers' p10 of (received - intended) 0.00-0.19 apart (their medians up
-# to 1.26 apart: why p10). With 2 ms injected (sent stamped 2 ms early: TTFT error p25 4.5-32; worker
-# 1 on t0 + 2 ms: p10s 1.91-1.97 apart) each figure crosses its bound.
-TTFT_ERR_P25 = 1.5
-ITL_MEAN_P50 = ONE_TIMELINE_MS = 1.0
+# ms, on the SHIFT_Q-th percentile of per-request errors (see stub_truth). Noise, 10 runs of the
+# two-worker test at load average 8-10 on the shared 2-core machine: TTFT error 0.06-0.10 (one
+# process and two workers alike), E2E error 0.06-0.10, mean-ITL error median 0.00; the workers' p10
+# of (received - intended) 0.00-0.19 apart over 30 runs (their medians up to 1.4 apart: why p10).
+# With 2 ms injected in a one-off check (sent stamped 2 ms early: TTFT error 2.09-2.21; worker 1 on
+# t0 + 2 ms: p10s 1.91-2.00 apart) each figure crosses its bound.
+TTFT_ERR_MS = 1.0
+ITL_MEAN_MS = ONE_TIMELINE_MS = 1.0
 
 
 async def test_two_workers_match_one_process_on_one_timeline(tmp_path: Path) -> None:
@@ -122,9 +123,9 @@ async def test_two_workers_match_one_process_on_one_timeline(tmp_path: Path) -> 
     # the two loopback transits, and each request's mean ITL is the stub's write gaps.
     for path, served in ((r1, served1), (r2, served2)):
         p = pair(list(path.values()), served)
-        assert pct(p.ttft_err_ms, 25) < TTFT_ERR_P25, np.round(np.sort(p.ttft_err_ms), 3)
-        assert pct(p.e2e_err_ms, 25) < TTFT_ERR_P25, np.round(np.sort(p.e2e_err_ms), 3)
-        assert abs(pct(p.itl_mean_err_ms, 50)) < ITL_MEAN_P50, np.round(np.sort(p.itl_mean_err_ms), 3)
+        assert pct(p.ttft_err_ms, SHIFT_Q) < TTFT_ERR_MS, np.round(np.sort(p.ttft_err_ms), 3)
+        assert pct(p.e2e_err_ms, SHIFT_Q) < TTFT_ERR_MS, np.round(np.sort(p.e2e_err_ms), 3)
+        assert abs(pct(p.itl_mean_err_ms, 50)) < ITL_MEAN_MS, np.round(np.sort(p.itl_mean_err_ms), 3)
         # No request read before it was written, whatever t0 (the latest t0 that keeps every send
         # before its receipt must also keep every first read after its write).
         t0 = float(np.min(p.recv - p.sent))
