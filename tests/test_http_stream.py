@@ -201,12 +201,18 @@ async def _request(conn: Conn, sink: Sink) -> asyncio.Future[None]:
     return conn.request(b"", b"", sink)
 
 
-def test_unsolicited_bytes_close_an_idle_connection() -> None:
+def test_unsolicited_bytes_or_eof_retire_an_idle_connection() -> None:
     conn = Conn(lambda c: None)
     transport = FakeTransport()
     conn.connection_made(transport)  # type: ignore[arg-type]
     conn.data_received(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
     assert transport.closed and not conn.reusable
+    # The server half-closed an idle connection: nothing more is sent on it, even before the close lands.
+    conn = Conn(lambda c: None)
+    conn.connection_made(FakeTransport())  # type: ignore[arg-type]
+    assert conn.reusable
+    conn.eof_received()
+    assert not conn.reusable
 
 
 # ---- over sockets: what is sent, keep-alive and the pool ---------------------------------------------------

@@ -93,6 +93,7 @@ class Conn(asyncio.Protocol):
             self._fail(exc)
 
     def eof_received(self) -> bool:
+        self.keep_alive = False  # the server is closing: no new request goes out on this connection
         return False  # close; connection_lost says whether the response was complete
 
     def connection_lost(self, exc: Exception | None) -> None:
