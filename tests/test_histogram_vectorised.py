@@ -13,7 +13,8 @@ from replay.stats import histogram as H
 
 def test_record_seconds_many_matches_hdrh_bucket_for_bucket():
     rng = random.Random(7)
-    edges = [0.0, -1.0, 0.4e-6, 0.5e-6, 0.6e-6, 1e-6, 2.047e-3, 2.048e-3, 2.049e-3, 4.095e-3, 3599.9, 3600.0, 9e9]
+    edges = [0.0, -1.0, 0.4e-6, 0.5e-6, 0.6e-6, 1e-6, 2.047e-3, 2.048e-3, 2.049e-3, 4.095e-3,
+             3599.9, 3600.0, 9e9]  # fmt: skip
     values = edges * 20 + [10 ** rng.uniform(-7, 3.6) for _ in range(100_000)]
     one_by_one, vectorised = H.new(), H.new()
     for v in values:
