@@ -13,6 +13,7 @@ sends cannot go below the CPU time of those builds however quiet the machine.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -26,6 +27,7 @@ import pytest
 
 from replay.stub.server import StubProcess
 from replay.stub.stream import parse_request
+from replay.targets.http_stream import FIRST_WRITE, UPLOAD_BUDGET, Conn, Uploads
 
 ROOT = Path(__file__).resolve().parents[1]
 BURSTS, SIZE, GAP_S, BLOCK = 5, 20, 1.2, 512
@@ -96,3 +98,46 @@ def test_the_stub_counts_a_large_id_prompt_without_parsing_it_and_parses_anythin
                 b'{"prompt":[' + b"1.5," * 20_000 + b"1]}"):  # fmt: skip
         with pytest.raises(ValueError):
             parse_request(bad, chat=False)
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def writelines(self, parts: list[bytes]) -> None:
+        for p in parts:
+            self.data += p
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_extra_info(self, name: str) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+async def test_large_bodies_start_at_once_then_go_out_in_bounded_turns():
+    uploads = Uploads()
+    conns = [Conn(lambda c: None, uploads) for _ in range(3)]
+    wire = [RecordingTransport() for _ in conns]
+    bodies = [bytes([65 + i]) * 300_000 for i in range(3)] + [b"{}"]
+    for c, t in zip(conns, wire, strict=False):
+        c.connection_made(t)  # type: ignore[arg-type]
+    for c, b in zip(conns, bodies, strict=False):
+        c.request(b"HEAD\r\n\r\n", b, None)  # type: ignore[arg-type]
+    # At the send: every request's head and first bytes, nothing more.
+    assert [bytes(t.data) for t in wire] == [b"HEAD\r\n\r\n" + b[:FIRST_WRITE] for b in bodies[:3]]
+    assert all(c.uploading and not c.reusable for c in conns)
+    turns = 0
+    while any(c.uploading for c in conns):
+        before = sum(len(t.data) for t in wire)
+        await asyncio.sleep(0)  # one loop turn
+        turns += 1
+        assert sum(len(t.data) for t in wire) - before <= UPLOAD_BUDGET
+    assert [bytes(t.data) for t in wire] == [b"HEAD\r\n\r\n" + b for b in bodies[:3]]  # whole, in order
+    assert turns >= 3 * (300_000 - FIRST_WRITE) // UPLOAD_BUDGET
