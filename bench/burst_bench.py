@@ -60,6 +60,9 @@ def run_once(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     load_after = os.getloadavg()
     s = json.loads((out / "summary.json").read_text())
     m, sc = s["metrics"], s["selfcheck"]
+    tokens = s["tokens"]["output"] or 1
+    cpu_s = sc["client_cpu_percent"] / 100 * (s["throughput"].get("span_s") or 0)
+    late_p99 = (truth.get("late_ms") or {}).get("p99")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -72,6 +75,9 @@ def run_once(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         "achieved_req_s": s["throughput"]["req_s"],
         "counts": s["counts"],
         "client_cpu_percent": sc["client_cpu_percent"],
+        "client_cpu_us_per_token": round(cpu_s / tokens * 1e6, 2),
+        # The stub wrote within 1 ms of its schedule: else it, not the client, set the pace.
+        "stub_kept_schedule": late_p99 is not None and late_p99 <= 1.0,
         "loop_lag_p99_ms": sc.get("loop_lag_p99_ms"),
         "ttft_ms": {k: m["ttft"].get(k) for k in ("p50", "p90", "p99", "max")},
         "itl_ms": {k: m["itl"].get(k) for k in ("p50", "p99", "max")},
@@ -123,6 +129,12 @@ def markdown(row: dict[str, Any]) -> str:
             f"| ITL p50 / p99 / max ms | {row['itl_ms']['p50']} / {row['itl_ms']['p99']} / {row['itl_ms']['max']} "
             "| | |",
             f"| loop lag p99 ms | {row['loop_lag_p99_ms']} | | |",
+            f"| client CPU per streamed token, us | {row['client_cpu_us_per_token']} | | |",
+            "",
+            "The stub kept its schedule (write lateness p99 <= 1 ms)."
+            if row["stub_kept_schedule"]
+            else "**The stub fell behind its schedule (write lateness p99 > 1 ms): it, not the client, set "
+            "the pace, so this run does not test the acceptance.**",
             "",
             f"Stub's served truth: {st['served']} requests, {st['tokens']} tokens, TTFT ms {st['ttft_ms']}, "
             f"write lateness ms {st['late_ms']}, writes into a full socket buffer {st['writes_while_paused']}.",
