@@ -80,6 +80,7 @@ class Feed:
     refreshes: int = 0
     render_s_max: float = 0.0
     render_s_total: float = 0.0
+    cpu_s_total: float = 0.0  # the display thread's CPU time for this run's redraws
     drain_announced: bool = False
     ended: bool = False  # its end was shown
 
@@ -102,6 +103,7 @@ class Feed:
             "refreshes": n,
             "render_ms_max": round(self.render_s_max * 1e3, 3),
             "render_ms_mean": round(self.render_s_total / n * 1e3, 3) if n else None,
+            "cpu_ms_total": round(self.cpu_s_total * 1e3, 3),
         }
 
     def _drain_left(self, elapsed: float, since: float, now: float) -> float | None:
@@ -173,11 +175,11 @@ class MergedFeed(Feed):
 
 
 def _planned(cfg: Any, offered_rate: float | None) -> tuple[float | None, bool]:
-    if cfg.requests is not None:
+    """Requests the run is expected to schedule, and whether that is exact (--requests binds)."""
+    by_time = offered_rate * cfg.duration_s if offered_rate and cfg.duration_s else None
+    if cfg.requests is not None and (by_time is None or cfg.requests <= by_time):
         return float(cfg.requests), True
-    if offered_rate and cfg.duration_s:
-        return offered_rate * cfg.duration_s, False
-    return None, False
+    return by_time, False
 
 
 def _title(cfg: Any, offered_rate: float | None, name: str, extra: str = "") -> str:
@@ -282,17 +284,18 @@ class Display:
     def _tick(self) -> None:
         feeds = self._feeds
         with short_switch_interval():
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.thread_time()
             if self.plain:
                 self._plain_tick(feeds, t)
             else:
                 self._live_tick(feeds, t)
-            spent = time.perf_counter() - t
+            spent, cpu = time.perf_counter() - t, time.thread_time() - cpu
         for f in feeds:
-            if f.final is None:  # what a run paid while it ran
+            if f.final is None:  # what a run paid while it ran (wall time includes waits for a CPU)
                 f.refreshes += 1
                 f.render_s_total += spent
                 f.render_s_max = max(f.render_s_max, spent)
+                f.cpu_s_total += cpu
 
     def _live_tick(self, feeds: list[Feed], now: float) -> None:
         if self._live is None:
@@ -311,13 +314,14 @@ class Display:
         while self._lines:
             out.append(self._lines.popleft())
         for f in feeds:
+            final = f.final  # read first: a run detaches after its last row, so that row is queued
             while f.new_rows:
                 out.append(plain_row(f, f.snapshot(now), f.new_rows.popleft()))
-            snap = f.final or f.snapshot(now)
-            if f.final is None and snap.drain_left_s is not None and snap.in_flight and not f.drain_announced:
+            snap = final or f.snapshot(now)
+            if final is None and snap.drain_left_s is not None and snap.in_flight and not f.drain_announced:
                 f.drain_announced = True
                 out.append(f"{f.title} | draining {snap.in_flight} in flight, {snap.drain_left_s:.0f} s left")
-            if f.final is not None and not f.ended:
+            if final is not None and not f.ended:
                 f.ended = True
                 out.append(f"{f.title} | done in {snap.elapsed_s:.1f} s: {counts_text(f, snap)}")
         if out:
