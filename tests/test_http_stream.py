@@ -17,7 +17,8 @@ import pytest
 from replay.core import errors
 from replay.core.request import OK, Request, record_for
 from replay.targets.http_failures import Failure
-from replay.targets.http_stream import Conn, Pool
+from replay.targets.http_pool import Pool
+from replay.targets.http_stream import Conn
 from replay.targets.openai_http import HTTPTargetConfig, OpenAIHTTPTarget
 
 # ---- parsing, fed without sockets -------------------------------------------------------------------------

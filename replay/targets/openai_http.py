@@ -32,7 +32,8 @@ from replay.core.request import ERROR, OK, Request, RequestRecord
 from replay.targets.http_config import ENDPOINTS, HTTPTargetConfig
 from replay.targets.http_failures import Watchdog as _Watchdog
 from replay.targets.http_failures import map_exception
-from replay.targets.http_stream import Conn, Pool
+from replay.targets.http_pool import Pool
+from replay.targets.http_stream import Conn
 from replay.targets.openai_stream import OpenAIStream
 
 __all__ = ["ENDPOINTS", "HTTPTargetConfig", "OpenAIHTTPTarget", "map_exception"]
