@@ -10,7 +10,6 @@ import pytest
 
 from replay.capacity.search import CapacityOptions, CapacitySearch
 from replay.capacity.slo import parse_slo
-from replay.capacity.stats import sample_warnings
 from replay.capacity.watch import StepWatch
 from replay.cli.main import main
 from replay.run.config import RunConfig
@@ -18,8 +17,6 @@ from replay.run.runner import execute
 from replay.schedule import arrivals
 from replay.schedule import synthetic as schedule
 from replay.schedule.prompts import PromptBuilder
-from replay.stats import histogram as H
-from replay.stats.recorder import METRICS
 from replay.stub.server import StubProcess
 from replay.targets.fake import FakeTarget
 from replay.targets.registry import load_target
@@ -27,66 +24,63 @@ from replay.trace.model import TraceRecord, make_header, write_trace
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(420)
 async def test_search_finds_the_analytic_max_rate_of_a_k_slot_stub(tmp_path):
     """The stub serves at most K streams, each taking S = ttft + (n - 1) * itl from admission,
     and queues the rest FIFO. Arrivals come at a constant rate λ (D/D/K):
 
     - λ <= K/S: arrivals are 1/λ >= S/K apart, so at most ceil(λS) <= K are in service at once,
-      nobody waits, and TTFT = ttft (100 ms) for every request: ttft_p99<=400ms holds.
+      nobody waits, and TTFT = ttft (50 ms) for every request: ttft_p99<=200ms holds.
     - λ > K/S: completions top out at μ = K/S, the backlog grows by (λ - μ) per second and the
-      wait after t seconds is (λ/μ - 1) t: unbounded, so the SLO fails (and the backlog check
-      flags saturation) once the window is long enough.
+      wait after t seconds is (λ/μ - 1) t: unbounded, so the SLO fails (and the TTFT trend flags
+      saturation) once the window is long enough.
 
-    So the highest rate meeting the SLO is μ = K/S = 4 / 0.48 s = 8.33 req/s. A finite window of
-    T = 10 s lets rates up to μ (1 + (400 - 100) ms / T) = 1.03 μ pass at most, and jitter on a
-    busy 2-core machine only lowers the measured rate, so the search must land within 10% of μ.
+    So the highest rate meeting the SLO is μ = K/S = 8 / 0.24 s = 33.3 req/s. A window of T
+    seconds lets rates up to μ (1 + 150 ms / T) pass (under 1% for T >= 20 s), and jitter on a
+    busy machine only lowers the measured rate: the interval must hold μ and the estimate lie
+    within 5% of it (bench/capacity_search.py holds 2% in 3 of 3 on a quiet machine).
     """
-    k, ttft, itl, n = 4, 0.100, 0.020, 20
+    k, ttft, itl, n = 8, 0.050, 0.010, 20
     mu = k / (ttft + (n - 1) * itl)
     args = ["--max-concurrency", str(k), "--ttft-ms", str(ttft * 1e3), "--itl-ms", str(itl * 1e3)]
     with StubProcess(args) as stub:
         target = load_target(stub.base_url, tmp_path, {})
         opts = CapacityOptions(
-            slo=parse_slo("ttft_p99<=400ms"),
+            slo=parse_slo("ttft_p99<=200ms"),
             input_tokens=8,
             output_tokens=n,
             arrival="constant",
-            step_s=10,
-            warmup_s=3,
+            step_s=25,
+            warmup_s=2,
             probe_s=3,
-            max_steps=8,
-            max_time_s=240,
-            repeats=1,
-            tolerance=0.04,
+            max_time_s=330,
+            tolerance=0.02,
         )
         doc = await CapacitySearch(target, opts, tmp_path).run()
     res = doc["result"]
-    found = res["max_slo_rate_req_s"]
-    print(f"max SLO rate {found:.4g} req/s vs analytic {mu:.4g} ({(found - mu) / mu:+.1%})")
-    assert abs(found - mu) / mu <= 0.10, (found, mu, [(s["rate_req_s"], s["reasons"]) for s in doc["steps"]])
-    assert res["first_fail_rate_req_s"] > found
-    # Confirmation ran the decisive rates again (repeats=1): two runs at the max rate.
-    assert res["decisive"][str(found)]["runs"] == 2 and res["confirmed"] is not None
+    why = [(s["rate_req_s"], s["verdict"], s["reasons"]) for s in doc["steps"]]
+    assert res["client_kept_up"], why
+    found, (low, high) = res["max_slo_rate_req_s"], res["interval_req_s"]
+    print(f"max SLO rate {found:.4g} req/s ({low}-{high}) vs analytic {mu:.4g} ({(found - mu) / mu:+.1%})")
+    assert low <= mu <= high and abs(found - mu) / mu <= 0.05, why
+    assert res["highest_pass_req_s"] <= 1.01 * mu <= 1.01 * res["first_fail_rate_req_s"]
     # The probe saw the K-slot plateau: throughput stops growing past K streams, at about μ.
     plateau = max(lv["throughput_req_s"] for lv in doc["probe"])
     assert abs(plateau - mu) / mu <= 0.10
-    assert [lv["concurrency"] for lv in doc["probe"]][:3] == [1, 2, 4]
-    # Every failing step names why; steps above capacity end early or show saturation.
+    assert [lv["concurrency"] for lv in doc["probe"]][:4] == [1, 2, 4, 8]
     for s in doc["steps"]:
-        assert s["passed"] == (not s["reasons"])
-        if s["rate_req_s"] > 1.1 * mu:
-            assert not s["passed"]
-        # Constant arrivals: the window (cut short where the step stopped early) holds its
-        # length times the rate, give or take the one arrival at either edge.
+        assert s["passed"] == (s["verdict"] == "pass")
+        assert s["verdict"] == "pass" or s["reasons"]
+        if s["rate_req_s"] > 1.1 * mu and s["verdict"] != "untrusted":
+            assert s["verdict"] == "fail"
+        # A PASS on a p99 needs enough samples to show it: ~530 independent ones at least.
+        if s["verdict"] == "pass":
+            assert s["bounds"][0]["n"] >= 528
+        # Constant arrivals: the window (cut short where a step stopped early) holds its length
+        # times the rate, give or take the one arrival at either edge.
         assert abs(s["arrived_req_s"] - s["rate_req_s"]) * s["window_s"] <= 1.01, s
-        # Achieved throughput is the completion rate in the window: the offered rate below μ
-        # (constant arrivals, S = 0.48 s well inside the 3 s warm-up), at most μ above it.
-        if not s["aborted"]:
-            truth = min(s["rate_req_s"], mu)
-            assert abs(s["achieved_req_s"] - truth) / truth <= 0.1, (s["rate_req_s"], s["achieved_req_s"])
     saved = orjson.loads((tmp_path / "capacity.json").read_bytes())
-    assert saved["result"] == res and saved["slo"] == "ttft_p99<=400ms"
+    assert saved["result"] == res and saved["slo"] == "ttft_p99<=200ms"
 
 
 async def test_baseline_missing_the_slo_ends_without_a_search(tmp_path):
@@ -104,35 +98,24 @@ async def test_baseline_missing_the_slo_ends_without_a_search(tmp_path):
 
 async def test_step_budget_bounds_the_search(tmp_path):
     """Probe capped at one stream (throughput still growing): the search first looks for a
-    failing rate by doubling; two steps of budget end it with both passing."""
+    failing rate by doubling; two steps of budget end it. Two-second steps cannot show a p99
+    (that takes ~530 samples): both steps are UNDECIDED, the search says why, and gives no rate."""
     target = FakeTarget(ttft_s=0.02, itl_s=0.01, max_concurrency=8)
     opts = CapacityOptions(
         slo=parse_slo("ttft_p99<=500ms"), output_tokens=5, probe_s=1, step_s=2, warmup_s=0.5,
         probe_max_concurrency=1, max_steps=2,
     )  # fmt: skip
     doc = await CapacitySearch(target, opts, tmp_path).run()
-    assert doc["result"]["open_loop_steps"] == 2 and len(doc["steps"]) == 2
-    assert [s["phase"] for s in doc["steps"]] == ["expand", "expand"]
-    r0, r1 = (s["rate_req_s"] for s in doc["steps"])
-    assert r1 == pytest.approx(2 * r0, rel=1e-3)
-    assert doc["result"]["max_slo_rate_req_s"] == r1
-    assert "budget" in doc["result"]["stop_reason"]
-    # Two-second steps cannot resolve a p99: the result says so.
-    assert any(w.startswith("ttft_p99<=500ms judged on") for w in doc["result"]["warnings"])
-
-
-def test_sample_warnings_need_ten_samples_beyond_the_percentile():
-    slo = parse_slo("ttft_p99<=1s,itl_p90<=1s,e2e_max<=1s,error_rate<=1%")
-    hists = {m: H.new() for m in METRICS}
-    for _ in range(999):
-        H.record_seconds(hists["ttft"], 0.1)
-    for _ in range(100):
-        H.record_seconds(hists["itl"], 0.1)
-    assert sample_warnings(slo, hists) == [
-        "ttft_p99<=1s judged on 999 samples (fewer than 1000): it reads optimistic; lengthen --step"
-    ]
-    H.record_seconds(hists["ttft"], 0.1)
-    assert sample_warnings(slo, hists) == []
+    res = doc["result"]
+    assert res["open_loop_steps"] == 2 and len(doc["steps"]) == 2
+    assert [s["phase"] for s in doc["steps"]][0] == "expand"
+    verdicts = [s["verdict"] for s in doc["steps"]]
+    if verdicts == ["undecided"] * 2:  # (a busy machine's client may fall behind: re-run instead)
+        r0, r1 = (s["rate_req_s"] for s in doc["steps"])
+        assert r1 == pytest.approx(2 * r0, rel=1e-3)
+    assert "fail" not in verdicts and "pass" not in verdicts
+    assert res["max_slo_rate_req_s"] is None and res["stop_reason"] == "budget (steps)"
+    assert any("needs ~" in w and "before it can pass" in w for w in res["warnings"]), res["warnings"]
 
 
 def test_cli_capacity_rejects_bad_input_before_starting(capsys):
@@ -184,20 +167,29 @@ def test_cli_capacity_end_to_end_with_replicas(tmp_path, capsys):
     write_trace(trace, (TraceRecord(t, 8, 5) for t in arr), make_header("test"))
     out = tmp_path / "cap"
     args = ["--max-concurrency", "2", "--ttft-ms", "20", "--itl-ms", "10"]
+    slo = "ttft_p50<=300ms,error_rate<=10%"  # a median and 10%: a few seconds of traffic can show them
     with StubProcess(args) as stub:
         code = main(
-            ["capacity", "--target", stub.base_url, "--slo", "ttft_p99<=300ms,error_rate<=1%",
-             "--input-tokens", "8", "--output-tokens", "5", "--step", "3s", "--warmup", "1s",
-             "--probe-duration", "1s", "--max-steps", "3", "--repeats", "0", "--budget", "60s",
+            ["capacity", "--target", stub.base_url, "--slo", slo,
+             "--input-tokens", "8", "--output-tokens", "5", "--step", "4s", "--warmup", "1s",
+             "--probe-duration", "1s", "--max-steps", "4", "--budget", "60s",
              "--trace", str(trace), "--headroom", "25%", "--out", str(out), "--quiet"]
         )  # fmt: skip
-    assert code == 0
     doc = orjson.loads((out / "capacity.json").read_bytes())
-    rate = doc["result"]["max_slo_rate_req_s"]
+    res = doc["result"]
     printed = capsys.readouterr().out
-    assert f"max rate meeting ttft_p99<=300ms,error_rate<=1%: {rate:g} req/s" in printed
     assert (out / "report.html").is_file() and (out / "report.md").is_file()
+    if not res["client_kept_up"]:  # a busy machine: the search says so, with no rate, and exits 4
+        assert code == 4 and "no answer (the client could not keep up" in printed
+        return
+    assert code == 0, res
+    rate, (low, high) = res["max_slo_rate_req_s"], res["interval_req_s"]
+    span = f"{low:.4g}-{high:.4g}" if high is not None else f"at least {low:.4g}"
+    assert f"max rate meeting {slo}: {rate:.4g} req/s (95% CI {span} req/s;" in printed
+    assert 0 < low <= rate
     rep = doc["replicas"]
     assert rep["demand"]["req_s"]["peak"] == 40.0  # one 60 s window at 40 req/s, p99 of four
-    assert rep["replicas"] == max(-(-40 * 1.25 // rate), 1)
-    assert f"replicas for the trace's peak: {rep['replicas']}" in printed
+    # Replicas at the interval's low end (the safe figure) and at the estimate.
+    assert rep["replicas"] == rep["replicas_at_low"] == max(-(-40 * 1.25 // low), 1)
+    assert rep["replicas_at_estimate"] == max(-(-40 * 1.25 // rate), 1)
+    assert f"replicas for the trace's peak: {rep['replicas']} at the interval's low end" in printed

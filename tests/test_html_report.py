@@ -63,11 +63,12 @@ def capacity_options(**kw) -> CapacityOptions:
 
 @pytest.fixture(scope="module")
 def capacity_dir(tmp_path_factory):
-    """A small real search: 2 slots of 0.1 s service (20 req/s), TTFT SLO."""
+    """A small real search: 2 slots of 0.1 s service (20 req/s), TTFT SLO. Medians: a p99 needs
+    ~530 samples before a step can pass it, more than a few seconds of steps hold."""
     out = tmp_path_factory.mktemp("cap")
     opts = capacity_options(
-        slo=parse_slo("ttft_p99<=150ms,itl_p99<=100ms,error_rate<=1%"),
-        output_tokens=5, step_s=3, warmup_s=1, probe_s=1, max_steps=5, repeats=1, tolerance=0.1,
+        slo=parse_slo("ttft_p50<=150ms,itl_p50<=100ms"),
+        output_tokens=5, step_s=4, warmup_s=1, probe_s=1, max_steps=5, repeats=1, tolerance=0.1,
     )  # fmt: skip
     asyncio.run(CapacitySearch(FakeTarget(ttft_s=0.02, itl_s=0.02, max_concurrency=2), opts, out).run())
     return out
@@ -239,12 +240,13 @@ def test_capacity_report_in_chromium(capacity_dir, browser, tmp_path):
         _check_page(opened, CAPACITY_FIGURES)
         page = opened.page
         text = page.inner_text("body")
-        rate = doc["result"]["max_slo_rate_req_s"]
-        assert rate > 0 and f"{rate:.3g} req/s" in text
-        assert "ttft_p99<=150ms" in text and "clipped" not in text
+        answer = doc["result"]["max_slo_rate_req_s"]
+        assert answer > 0 and f"{answer:.3g} req/s" in text
+        assert "ttft_p50<=150ms" in text and "clipped" not in text
 
-        # Hover: the p99 dot at the max SLO rate shows that rate's p99 (median over its steps).
+        # Hover: the p99 dot at the highest passing rate shows that rate's p99 (median over its steps).
         fig = "latency-vs-load-ttft_intended"
+        rate = doc["result"]["highest_pass_req_s"]
         rates = sorted({s["rate_req_s"] for s in doc["steps"]})
         x, label = _hover(page, fig, "p99", rates.index(rate))
         p99 = statistics.median(
@@ -274,10 +276,9 @@ def test_capacity_report_in_chromium(capacity_dir, browser, tmp_path):
     finally:
         opened.close()
     text = md.read_text()
-    assert f"| max rate meeting the SLO | {rate:.3g} req/s |" in text
-    assert text.count("| search |") + text.count("| confirm |") + text.count("| expand |") == len(
-        doc["steps"]
-    )
+    assert f"| max rate meeting the SLO | {answer:.3g} req/s (95% CI " in text
+    phases = ("search", "expand", "rerun")
+    assert sum(text.count(f"| {p} |") for p in phases) == len(doc["steps"])
 
 
 def test_single_run_report_in_chromium(run_dir, browser, tmp_path):

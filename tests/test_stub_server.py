@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import aiohttp
+import numpy as np
 import orjson
 import pytest
 
@@ -98,6 +99,27 @@ async def test_queueing_under_max_concurrency_is_fifo_and_known() -> None:
     # The client sees at least what was served (it sent before receipt, reads after writing).
     client = sorted(ev[0][0] - t0 for t0, ev in res)
     assert all(c >= s for c, s in zip(client, sorted(served_ttft), strict=True))
+
+
+async def test_ttft_jitter_is_seeded_exponential() -> None:
+    """--ttft-jitter-ms: each first token comes an exponential draw (mean 30 ms) later, the same
+    draws for the same seed. 60 streams one after another: the served TTFT minus the 20 ms base
+    has a mean within 40% of 30 ms (3 standard errors of a mean of 60 draws), and the sequence
+    repeats with the seed (give or take timer noise) and not with another."""
+
+    async def served(seed: int) -> np.ndarray:
+        async with start_stub(ttft_s=0.02, itl_s=0.001, ttft_jitter_s=0.03, seed=seed) as stub, \
+                aiohttp.ClientSession() as s:  # fmt: skip
+            for _ in range(60):
+                await stream(s, stub.base_url + "/completions", body(n=1))
+            async with s.get(f"http://127.0.0.1:{stub.port}/stub/truth?detail=1") as r:
+                rows = (await r.json())["requests"]
+        return np.array([row[2] - row[1] for row in rows]) - 0.02  # first token - admission - base
+
+    a, b, c = await served(1), await served(1), await served(2)
+    assert len(a) == 60 and a.min() > -0.001 and 0.018 <= a.mean() <= 0.042
+    assert np.median(np.abs(a - b)) < 0.002  # same seed, same draws
+    assert np.median(np.abs(a - c)) > 0.005  # another seed, other draws (typically ~20 ms apart)
 
 
 async def test_truth_endpoint_and_reset() -> None:

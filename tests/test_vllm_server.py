@@ -108,8 +108,9 @@ def test_command_and_env(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert redact_argv(cmd)[-2:] == ["--api-key", "***"]
     assert redact_argv(["--hf-token=abc", "--port", "1"]) == ["--hf-token=***", "--port", "1"]
     env = server_env(cfg, {})
-    assert env == {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
-    assert server_env(cfg, {"VLLM_CPU_KVCACHE_SPACE": "4", "HF_HUB_OFFLINE": "0"}) == {}
+    assert env == {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_SERVER_DEV_MODE": "1"}
+    given = {"VLLM_CPU_KVCACHE_SPACE": "4", "HF_HUB_OFFLINE": "0", "VLLM_SERVER_DEV_MODE": "0"}
+    assert server_env(cfg, given) == {}
     assert server_env(_cfg(tiny, env={"VLLM_CPU_KVCACHE_SPACE": "2"}), {})["VLLM_CPU_KVCACHE_SPACE"] == "2"
     with pytest.raises(ReplayError, match="no working `vllm` executable"):
         build_command(_cfg(tiny, launcher="cli"), 1)
@@ -127,7 +128,7 @@ def test_command_and_env(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert build_command(cfg, 1)[:3] == ["/opt/bin/vllm", "serve", str(tiny)]
     module_cmd = build_command(_cfg(tiny, launcher="module"), 1)
     assert module_cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
-    assert server_env(cfg, {}) == {"HF_HUB_OFFLINE": "1"}
+    assert server_env(cfg, {}) == {"HF_HUB_OFFLINE": "1", "VLLM_SERVER_DEV_MODE": "1"}
 
 
 @module_loop
@@ -272,6 +273,14 @@ async def test_prefix_cache_hits_counted(server: VLLMServerTarget) -> None:
     queries = after["prefix_cache_queries_total"] - before["prefix_cache_queries_total"]
     assert queries == 600  # both prompts looked up, token by token
     assert hits == 256  # the second one: its 2 full blocks of 128 tokens
+    # The capacity search empties the cache between steps (the server runs in dev mode): the
+    # same prompt after a reset finds nothing cached.
+    assert await server.reset_prefix_cache() is None
+    async with MetricsScraper(server.metrics_url) as sc:
+        await _send_all(server, [same])
+        again = await sc.sample()
+    assert again["prefix_cache_hits_total"] == after["prefix_cache_hits_total"]
+    assert again["prefix_cache_queries_total"] - after["prefix_cache_queries_total"] == 300
 
 
 @pytest.mark.vllm
@@ -286,6 +295,7 @@ async def test_attach_to_running_server(server: VLLMServerTarget, tmp_path: Path
         assert t.process is None and t.pids() == [] and t.metrics_url == server.metrics_url
         rec = (await _send_all(t, [_req(0, 10, 7, salt=4)]))[0]
         assert rec.status == OK and rec.output_tokens == 7
+        assert await t.reset_prefix_cache() == "attached server (replay did not start it)"
     finally:
         await t.close()
     assert not t.log_path.exists()

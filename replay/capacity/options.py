@@ -17,15 +17,15 @@ class CapacityOptions:
     output_tokens: int = 64
     arrival: str = "poisson"
     burstiness: float = 1.0
-    step_s: float = 60.0  # one open-loop step, warm-up included
+    step_s: float = 60.0  # the longest an open-loop step runs, warm-up included (it stops once decided)
     warmup_s: float = 10.0
     probe_s: float = 10.0  # one closed-loop level
     probe_max_concurrency: int = 256
     probe_growth: float = 1.1  # a doubling that adds less than 10% throughput ends the probe
-    tolerance: float = 0.05  # stop when (fail - pass) <= tolerance x fail
-    max_steps: int = 12  # open-loop steps, confirmations included
-    max_time_s: float = 3600.0  # whole search, probe included
-    repeats: int = 2  # extra runs at each decisive rate
+    tolerance: float = 0.05  # stop once the answer's 95% interval is within +-tolerance of it
+    max_steps: int = 30  # open-loop steps, re-runs included
+    max_time_s: float = 720.0  # whole search, probe included (a started server's start-up is not)
+    client_retries: int = 2  # re-runs of a step whose client fell behind, before the search gives up
     seed: int = 0
     interval_s: float = 1.0
     drain_timeout_s: float | None = None  # default: max(5 s, 10x the baseline E2E)

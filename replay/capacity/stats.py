@@ -5,7 +5,6 @@ measurement windows of a finished run, saturation signals, the knee, and the rep
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 import numpy as np
 from hdrh.histogram import HdrHistogram
 
-from replay.capacity.slo import STATS, Slo
+from replay.capacity.confidence import trend
 from replay.core.errors import ReplayError
 from replay.stats import histogram as H
 from replay.stats.recorder import METRICS
@@ -53,69 +52,99 @@ def ended_ok(lines: Iterable[dict[str, Any]], start_s: float, end_s: float) -> l
 
 @dataclass(frozen=True, slots=True)
 class Saturation:
-    """Signs that the server fell behind the offered rate during a step's measurement window."""
+    """Whether the server fell behind the offered rate during a step's measurement window, with
+    each trend's confidence interval (see `saturation_arrays`)."""
 
     arrivals: int  # requests intended in the window
     backlog_start: int  # outstanding (intended, not ended) at the window's start
-    backlog_end: int  # ... at the schedule's end
-    ttft_slope_ms_s: float | None  # least-squares slope of TTFT (from intended) over intended time
-    ttft_rise_ms: float | None  # that slope times the window length
-    saturated: bool
+    backlog_end: int  # ... at its end
+    backlog_growth: tuple[float, float, float] | None  # fitted growth over the window: (est, low, high)
+    ttft_rise_ms: tuple[float, float, float] | None  # fitted TTFT rise over the window: (est, low, high)
+    verdict: str  # "saturated" | "stable" | "undecided"
     reasons: tuple[str, ...]
+
+    @property
+    def saturated(self) -> bool:
+        return self.verdict == "saturated"
+
+    @property
+    def verdict_as_bound(self) -> str:
+        return {"saturated": "fail", "stable": "pass"}.get(self.verdict, "undecided")
 
     def to_json(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}
 
 
 def saturation(
-    lines: Sequence[dict[str, Any]], start_s: float, end_s: float, baseline_ttft_s: float | None
+    lines: Sequence[dict[str, Any]], start_s: float, end_s: float, baseline_ttft_s: float | None, alpha: float
 ) -> Saturation:
-    """Backlog growth and TTFT trend over [start_s, end_s).
-
-    Open loop at rate λ into a server completing μ < λ per second leaves a backlog growing by
-    (λ - μ) per second, and each request waits longer than the one before. A stable queue
-    fluctuates but does not drift. Rules (either one marks the step saturated):
-      backlog: it grew by more than max(3, 10% of the window's arrivals);
-      TTFT trend: the fitted TTFT rise over the window exceeds 3x the baseline TTFT + 50 ms,
-      and the backlog grew at all.
-    """
+    """`saturation_arrays` over requests.jsonl lines."""
     # Outstanding from the intended time, not the send: a request the client sent late (engine
     # lag on a busy machine) is backlog too, and the offered rate was not really offered.
-    spans = [(ln["intended_s"], ln["end_s"]) for ln in lines if ln.get("end_s")]
+    intended = np.array([ln["intended_s"] for ln in lines], dtype=np.float64)
+    ended = np.array([ln["end_s"] if ln.get("end_s") is not None else ln["intended_s"] for ln in lines])
+    ttft = np.array([ln["first_token_s"] - ln["intended_s"] if ln.get("first_token_s") is not None
+                     else np.nan for ln in lines])  # fmt: skip
+    return saturation_arrays(intended, ttft, ended, start_s, end_s, baseline_ttft_s, alpha)
 
-    def outstanding(t: float) -> int:
-        return sum(1 for s, e in spans if s <= t < e)
 
-    arrivals = sum(1 for ln in lines if start_s <= ln["intended_s"] < end_s)
-    b0, b1 = outstanding(start_s), outstanding(end_s)
-    pts = [
-        (ln["intended_s"], ln["first_token_s"] - ln["intended_s"])
-        for ln in lines
-        if start_s <= ln["intended_s"] < end_s and ln.get("first_token_s") is not None
-    ]
-    slope = rise = None
-    if len(pts) >= 5:
-        x = np.array([p[0] for p in pts])
-        y = np.array([p[1] for p in pts])
-        if np.ptp(x) > 0:
-            slope = float(np.polyfit(x, y, 1)[0])
-            rise = slope * (end_s - start_s)
+def saturation_arrays(
+    intended: np.ndarray,
+    ttft: np.ndarray,
+    ended: np.ndarray,
+    start_s: float,
+    end_s: float,
+    baseline_ttft_s: float | None,
+    alpha: float,
+) -> Saturation:
+    """Backlog growth and TTFT trend over [start_s, end_s), each with its interval.
+
+    Open loop at rate λ into a server completing μ < λ per second leaves a backlog growing by
+    (λ - μ) per second, and each request waits longer than the one before; a stable queue
+    fluctuates but does not drift. Each trend is a least-squares slope over batch means
+    (confidence.trend) and counts only when it is material:
+      backlog: growth over the window above max(3, 10% of the window's arrivals);
+      TTFT: a rise over the window above 3x the baseline TTFT + 50 ms (with the backlog growing).
+    Saturated: a trend's interval lies above its threshold. Stable: both intervals lie below
+    theirs. Otherwise undecided (a longer window narrows the intervals).
+    `ttft` is from the intended send (NaN without a first token); `ended` is inf while in flight.
+    """
+    span = end_s - start_s
+    in_win = (intended >= start_s) & (intended < end_s)
+    arrivals = int(np.count_nonzero(in_win))
+    live = ended > intended
+    opened, closed = np.sort(intended[live]), np.sort(ended[live])
+
+    def outstanding(t: np.ndarray) -> np.ndarray:
+        """Requests intended by t and not ended by t."""
+        return np.searchsorted(opened, t, side="right") - np.searchsorted(closed, t, side="right")
+
+    b0, b1 = (int(x) for x in outstanding(np.array([start_s, end_s])))
+    growth = rise = None
+    if span > 0:
+        grid = np.linspace(start_s, end_s, 64, endpoint=False)
+        g = trend(grid, outstanding(grid).astype(np.float64), start_s, end_s, alpha)
+        if g is not None:
+            growth = tuple(round(x, 3) for x in g.over(span))
+        ok = in_win & np.isfinite(ttft)
+        r = trend(intended[ok], ttft[ok], start_s, end_s, alpha)
+        if r is not None:
+            rise = tuple(round(x * 1000, 1) for x in r.over(span))
+    grow_limit = max(3.0, 0.1 * arrivals)
+    rise_limit = (3 * (baseline_ttft_s or 0.0) + 0.05) * 1000
     reasons = []
-    growth = b1 - b0
-    if growth > max(3, 0.1 * arrivals):
-        reasons.append(f"backlog grew from {b0} to {b1} over the window ({arrivals} arrivals)")
-    base = baseline_ttft_s or 0.0
-    if rise is not None and growth > 0 and rise > 3 * base + 0.05:
-        reasons.append(f"TTFT rose {rise * 1000:.0f} ms across the window")
-    return Saturation(
-        arrivals=arrivals,
-        backlog_start=b0,
-        backlog_end=b1,
-        ttft_slope_ms_s=None if slope is None else round(slope * 1000, 3),
-        ttft_rise_ms=None if rise is None else round(rise * 1000, 1),
-        saturated=bool(reasons),
-        reasons=tuple(reasons),
-    )
+    if growth is not None and growth[1] > grow_limit:
+        reasons.append(f"backlog grew by {growth[0]:.0f} (at least {growth[1]:.0f}) over the window, "
+                       f"{arrivals} arrivals")  # fmt: skip
+    if rise is not None and growth is not None and rise[1] > rise_limit and growth[0] > 0:
+        reasons.append(f"TTFT rose {rise[0]:.0f} ms (at least {rise[1]:.0f}) across the window")
+    if reasons:
+        verdict = "saturated"
+    elif growth is not None and growth[2] <= grow_limit and (rise is None or rise[2] <= rise_limit):
+        verdict = "stable"
+    else:
+        verdict = "undecided"
+    return Saturation(arrivals, b0, b1, growth, rise, verdict, tuple(reasons))
 
 
 def knee(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
@@ -247,46 +276,3 @@ def replicas_needed(peak_rate: float, per_replica_rate: float, headroom: float) 
     if per_replica_rate <= 0 or not math.isfinite(per_replica_rate):
         return None
     return max(1, math.ceil(peak_rate * (1 + headroom) / per_replica_rate - 1e-9))
-
-
-def sample_warnings(slo: Slo, hists: dict[str, Any]) -> list[str]:
-    """Percentile bounds judged on too few samples to resolve them.
-
-    The pXX of n samples is the value of rank round(XX% n): with fewer than 10 / (1 - XX%)
-    samples (1,000 for p99) only a handful lie above it, so it reads low (the p99 of 40 samples is
-    their maximum, on average the population's 97.6th percentile) and the search overestimates
-    the rate. Longer steps (or a lower percentile) fix it.
-    """
-    out = []
-    for b in slo.bounds:
-        p = STATS.get(b.stat or "")
-        if p is None or b.metric not in hists:
-            continue
-        n = hists[b.metric].get_total_count()
-        need = math.ceil(10 / (1 - p / 100) - 1e-9)
-        if n < need:
-            out.append(
-                f"{b.text} judged on {n} samples (fewer than {need}): it reads optimistic; lengthen --step"
-            )
-    return out
-
-
-def median_of(xs: list[Any]) -> float | None:
-    vals = [x for x in xs if x is not None]
-    return round(statistics.median(vals), 4) if vals else None
-
-
-def spread(steps: list[dict[str, Any]]) -> dict[str, Any]:
-    """Verdicts and per-bound min/max across the runs at one rate."""
-    by_bound: dict[str, list[float]] = {}
-    for s in steps:
-        for c in s["verdict"]["checks"]:
-            if c["measured"] is not None:
-                by_bound.setdefault(c["bound"], []).append(c["measured"])
-    att = [s["goodput"]["attainment"] for s in steps if s["goodput"]["attainment"] is not None]
-    return {
-        "runs": len(steps),
-        "passed": sum(s["passed"] for s in steps),
-        "bounds": {b: {"min": min(v), "max": max(v)} for b, v in by_bound.items()},
-        "attainment": {"min": min(att), "max": max(att)} if att else None,
-    }

@@ -11,6 +11,7 @@ from replay.report import figures as F
 
 SLO_COLOR = "#d62728"
 MAX_COLOR = "#2ca02c"
+CI_COLOR = "#98df8a"
 
 
 def _by_rate(steps: list[dict[str, Any]], metric: str, stat: str) -> tuple[list[float], list[float | None]]:
@@ -55,6 +56,9 @@ def latency_vs_load(doc: dict[str, Any], metric: str, label: str) -> str:
     vlines = []
     if res.get("max_slo_rate_req_s"):
         vlines.append((res["max_slo_rate_req_s"], "max SLO rate", MAX_COLOR))
+        for end, name in zip(res.get("interval_req_s") or [], ("low", "high"), strict=False):
+            if end:
+                vlines.append((end, f"its 95% CI, {name} end", CI_COLOR))
     if res.get("knee"):
         vlines.append((res["knee"]["rate_req_s"], "knee", "#9467bd"))
     verdict = [rate_verdict([s for s in steps if s["rate_req_s"] == r]) for r in rates]

@@ -18,7 +18,7 @@ from replay.capacity.stats import window_hists
 from replay.core.errors import ReplayError
 from replay.report import capacity_charts as C
 from replay.report import figures as F
-from replay.report.markdown import STEP_COLUMNS, capacity_key_rows
+from replay.report.markdown import STEP_COLUMNS, capacity_key_rows, step_rows
 from replay.report.run_charts import distribution_charts, timeseries_charts
 from replay.stats import histogram as H
 from replay.stats.plausibility import capacity_flags, plausibility
@@ -28,7 +28,7 @@ body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24p
 h1{font-size:22px}h2{font-size:18px;margin-top:28px;border-bottom:1px solid #ddd;padding-bottom:4px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}td,th{border:1px solid #ddd;padding:3px 8px;
 text-align:right}th{background:#f4f4f4}td.l,th.l{text-align:left}
-.pass{color:#2ca02c;font-weight:600}.fail{color:#d62728;font-weight:600}
+.pass{color:#2ca02c;font-weight:600}.fail{color:#d62728;font-weight:600}.undecided{color:#8c6d00}
 .charts{display:flex;flex-direction:column;gap:14px}
 figure.chart{margin:0;border:1px solid #e4e4e4;border-radius:6px;padding:6px;background:#fff;width:100%;
 box-sizing:border-box}div.plot{width:100%}
@@ -111,12 +111,12 @@ def capacity_html(cap_dir: Path, doc: dict[str, Any]) -> str:
     else:
         body.append('<p class="nodata">no open-loop step ran</p>')
     body.append("</div><h2>Closed-loop probe</h2><div class='charts'>" + C.probe_chart(doc) + "</div>")
-    best = _decisive_step(doc, res.get("max_slo_rate_req_s"))
-    fail = _decisive_step(doc, res.get("first_fail_rate_req_s"))
+    best = _decisive_step(doc, res.get("highest_pass_req_s"), "pass")
+    fail = _decisive_step(doc, res.get("first_fail_rate_req_s"), "fail")
     warm = doc["options"]["warmup_s"]
     for step, what, fig in (
-        (best, "At the max SLO rate", "best"),
-        (fail, "At the first failing rate", "fail"),
+        (best, "At the highest passing rate", "best"),
+        (fail, "At the lowest failing rate", "fail"),
     ):
         if step is None:
             continue
@@ -142,34 +142,20 @@ def capacity_html(cap_dir: Path, doc: dict[str, Any]) -> str:
     return _page(title, body)
 
 
-def _decisive_step(doc: dict[str, Any], rate: float | None) -> dict[str, Any] | None:
+def _decisive_step(doc: dict[str, Any], rate: float | None, verdict: str) -> dict[str, Any] | None:
     if not rate:
         return None
-    return next((s for s in doc["steps"] if s["rate_req_s"] == rate), None)
+    return next((s for s in doc["steps"] if s["rate_req_s"] == rate and s.get("verdict") == verdict), None)
 
 
 def _steps_table(doc: dict[str, Any]) -> str:
-    rows = []
-    for s in doc["steps"]:
-        lat = s["latency_ms"]
-        rows.append(
-            [
-                s["index"],
-                s["phase"],
-                s["rate_req_s"],
-                s.get("arrived_req_s"),
-                verdict_span(s["passed"]),
-                lat["ttft_intended"]["p50"],
-                lat["ttft_intended"]["p99"],
-                lat["itl"]["p99"],
-                s["achieved_req_s"],
-                s["goodput"]["goodput_req_s"],
-                s["goodput"]["attainment"],
-                "; ".join(s["reasons"])[:160] or "-",
-            ]
-        )
-    header = ["#", "phase", "rate", "arrived", "verdict", "TTFT p50", "TTFT p99", "ITL p99", "achieved"]
-    return _table([*header, "goodput", "attainment", "why"], rows, left=2)
+    header, rows = step_rows(doc)
+    col = header.index("verdict")
+    cls = {"PASS": "pass", "FAIL": "fail"}
+    for row in rows:
+        v = row[col]
+        row[col] = f'<span class="{cls.get(v, "undecided")}">{escape(v)}</span>'
+    return _table(header, rows, left=2)
 
 
 def _probe_table(doc: dict[str, Any]) -> str:

@@ -23,28 +23,76 @@ def _f(v: Any, unit: str = "") -> str:
 STEP_COLUMNS = (
     "Per second over each step's measurement window (warm-up excluded, cut short where a step "
     "stopped early): rate is the nominal offered rate, arrived the rate this seeded draw actually "
-    "scheduled, achieved the completions, goodput the arrivals that met every SLO bound."
+    "scheduled. Each SLO bound shows its measured value and 95% interval (allowing for bursts of "
+    "violations); a step is PASS or FAIL only when every interval is on one side of its bound, "
+    "UNDECIDED when one straddles it after the step's longest run, UNTRUSTED (never judged, re-run) "
+    "when the client itself fell behind. Server: mean requests running / waiting, peak KV-cache use, "
+    "preemptions. Noise: the machine's load average over the step, the server's CPU share."
 )
+VERDICTS = {"pass": "PASS", "fail": "FAIL", "undecided": "UNDECIDED", "untrusted": "UNTRUSTED"}
+
+
+def answer_text(r: dict[str, Any]) -> str:
+    """'18.2 req/s (95% CI 16.9–19.4)' or why there is no answer."""
+    rate = r.get("max_slo_rate_req_s")
+    if rate is None:
+        return f"no answer: {r.get('stop_reason', '-')}"
+    lo, hi = r.get("interval_req_s") or (None, None)
+    if lo is None:
+        return f"{_f(rate)} req/s"
+    span = f"{_f(lo)}–{_f(hi)}" if hi is not None else f"at least {_f(lo)}, no failing step yet"
+    return f"{_f(rate)} req/s (95% CI {span} req/s)"
+
+
+def _how(r: dict[str, Any]) -> str:
+    pas, fail = r.get("highest_pass_req_s"), r.get("first_fail_rate_req_s")
+    bracket = f"highest PASS {_f(pas, ' req/s')}, lowest FAIL {_f(fail, ' req/s')}"
+    if r.get("method") == "fit":
+        c = next((c for c in r.get("crossings", []) if c["bound"] == r.get("binding_bound")), None)
+        n = f" over {c['steps']} steps" if c else ""
+        return f"where {r['binding_bound']} crosses its bound, fitted{n}; within {bracket}"
+    return f"between the {bracket}"
+
+
+def _noise_summary(steps: list[dict[str, Any]]) -> str:
+    if not steps:
+        return "-"
+    behind = sum(not s.get("trustworthy", True) for s in steps)
+    noise = [s["noise"] for s in steps if s.get("noise")]
+    loads = [max(n["load_avg_1m"]) for n in noise]
+    share = [n["server_cpu_share"] for n in noise if n["server_cpu_share"] is not None]
+    cores = noise[0]["cores"] if noise else None
+    parts = [f"client fell behind in {behind} step(s) (re-run, not judged)" if behind else "client kept up"]
+    if loads:
+        parts.append(f"load average up to {max(loads):.2f} on {cores} cores")
+    if share:
+        parts.append(f"server CPU share up to {max(share):.0%}")
+    return "; ".join(parts)
+
+
+def _prefix_summary(steps: list[dict[str, Any]]) -> str:
+    states = sorted({(s.get("clean_start") or {}).get("prefix_cache", "-") for s in steps})
+    return "; ".join(states) if states else "-"
 
 
 def capacity_key_rows(doc: dict[str, Any]) -> list[list[str]]:
     r = doc.get("result", {})
     base = (doc.get("baseline") or {}).get("latency_ms", {})
+    steps = doc.get("steps", [])
+    by = r.get("steps_by_verdict") or {}
     rows = [
-        ["max rate meeting the SLO", _f(r.get("max_slo_rate_req_s"), " req/s")],
-        ["first failing rate", _f(r.get("first_fail_rate_req_s"), " req/s")],
+        ["max rate meeting the SLO", answer_text(r)],
+        ["how it was found", _how(r) if r.get("max_slo_rate_req_s") is not None else "-"],
+        ["steps", ", ".join(f"{by.get(v, 0)} {VERDICTS[v]}" for v in VERDICTS)],
+        ["goodput at the highest PASS", _f(r.get("goodput_at_pass_req_s"), " req/s")],
         [
-            "resolution (fail - pass) / fail",
-            _f(None if r.get("resolution") is None else r["resolution"] * 100, "%"),
-        ],
-        ["confirmed by repeats", "not repeated" if r.get("confirmed") is None else _f(r.get("confirmed"))],
-        ["goodput at the max rate", _f(r.get("goodput_at_max_req_s"), " req/s")],
-        [
-            "SLO attainment at the max rate",
-            _f(None if r.get("attainment_at_max") is None else r["attainment_at_max"] * 100, "%"),
+            "SLO attainment at the highest PASS",
+            _f(None if r.get("attainment_at_pass") is None else r["attainment_at_pass"] * 100, "%"),
         ],
         ["knee of latency vs load", _f((r.get("knee") or {}).get("rate_req_s"), " req/s")],
         ["closed-loop max throughput", _f(r.get("max_throughput_req_s"), " req/s")],
+        ["prefix cache before each step", _prefix_summary(steps)],
+        ["noise", _noise_summary(steps)],
     ]
     if base:
         rows.append(
@@ -60,10 +108,14 @@ def capacity_key_rows(doc: dict[str, Any]) -> list[list[str]]:
         rows.append(
             [
                 f"replicas for {d['source']}",
-                f"{rep['replicas']} (peak {d['req_s']['peak']:.3g} req/s, {rep['headroom']:.0%} headroom)",
+                f"{rep['replicas']} at the interval's low end ({_f(rep.get('per_replica_low_req_s'))} req/s "
+                f"each), {rep.get('replicas_at_estimate')} at the estimate; peak {d['req_s']['peak']:.3g} "
+                f"req/s, {rep['headroom']:.0%} headroom",
             ]
         )
     rows.append(["stop reason", str(r.get("stop_reason", "-"))])
+    for note in r.get("notes", []):
+        rows.append(["note", note])
     for w in r.get("warnings", []):
         rows.append(["warning", w])
     rows.append(
@@ -85,53 +137,85 @@ def _md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return out
 
 
-def capacity_md(doc: dict[str, Any]) -> str:
-    target = doc.get("target", {})
-    name = target.get("name") or target.get("kind") or doc["options"].get("target_name")
-    lines = [f"# Capacity: {name}", "", f"SLO: `{doc['slo']}`", ""]
-    lines += _md_table(["figure", "value"], capacity_key_rows(doc))
-    lines += md_flags(capacity_flags(doc))
-    r = doc.get("result", {})
-    if r.get("decisive"):
-        lines += ["", "## Decisive rates (repeats)", ""]
-        rows = []
-        for rate, sp in r["decisive"].items():
-            bounds = "; ".join(
-                f"{b} {v['min'] * 1000:.1f}–{v['max'] * 1000:.1f} ms"
-                if not b.startswith(("error_rate", "output_tps"))
-                else f"{b} {v['min']:.4g}–{v['max']:.4g}"
-                for b, v in sp["bounds"].items()
-            )
-            att = sp["attainment"]
-            rows.append(
-                [
-                    rate,
-                    f"{sp['passed']}/{sp['runs']}",
-                    bounds or "-",
-                    "-" if att is None else f"{att['min'] * 100:.1f}–{att['max'] * 100:.1f}%",
-                ]
-            )
-        lines += _md_table(["rate (req/s)", "passed", "measured range", "attainment range"], rows)
-    lines += ["", "## Open-loop steps", ""]
+def _bound_cell(part: dict[str, Any], check: dict[str, Any] | None) -> str:
+    """'97.2 ms (81.0–110)' for a percentile; '0.50% (0.10–1.2%)' for an error rate."""
+    if part["bound"].startswith("error_rate"):
+        if part["estimate"] is None:
+            return "-"
+        return f"{part['estimate']:.2%} ({part['low']:.2%}–{part['high']:.2%})"
+    shown = check["shown"] if check else "-"
+    iv = part.get("value_interval")
+    return f"{shown} ({_f(iv[0])}–{_f(iv[1])})" if iv else shown
+
+
+def _server_cell(sv: dict[str, Any] | None) -> str:
+    if not sv:
+        return "-"
+    out = []
+    if "running" in sv:
+        out.append(f"run {sv['running']['mean']:.3g}")
+    if "waiting" in sv:
+        out.append(f"wait {sv['waiting']['mean']:.3g}")
+    if "kv_cache_usage" in sv:
+        out.append(f"KV {sv['kv_cache_usage']['peak']:.0%}")
+    if "preemptions_total" in sv:
+        out.append(f"preempt {sv['preemptions_total'].get('delta', 0):.0f}")
+    return ", ".join(out) or "-"
+
+
+def _noise_cell(nz: dict[str, Any] | None) -> str:
+    if not nz:
+        return "-"
+    out = [f"load {max(nz['load_avg_1m']):.2f}"]
+    if nz.get("server_cpu_share") is not None:
+        out.append(f"server CPU {nz['server_cpu_share']:.0%}")
+    if not nz["client_trustworthy"]:
+        out.append("client fell behind")
+    return ", ".join(out)
+
+
+def step_rows(doc: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+    """The open-loop steps table (header, rows), shared by report.md and report.html."""
+    bounds = [b.strip() for b in doc["slo"].split(",")]
     rows = []
     for s in doc["steps"]:
-        lat = s["latency_ms"]
+        checks = {c["bound"]: c for c in (s.get("point_verdict") or {}).get("checks", [])}
+        cells = {p["bound"]: _bound_cell(p, checks.get(p["bound"])) for p in s.get("bounds", [])}
+        looks = s.get("looks") or []
         rows.append(
             [
                 s["index"],
                 s["phase"],
                 s["rate_req_s"],
                 s.get("arrived_req_s"),
-                "PASS" if s["passed"] else "FAIL",
-                lat["ttft_intended"]["p99"],
-                lat["itl"]["p99"],
+                VERDICTS.get(s.get("verdict", ""), s.get("verdict", "-")),
+                f"{_f(s.get('window_s'))} ({len(looks)} look{'s' if len(looks) != 1 else ''})",
+                *(cells.get(b, "-") for b in bounds),
+                (s.get("saturation") or {}).get("verdict", "-"),
                 s["achieved_req_s"],
-                s["goodput"]["goodput_req_s"],
-                ("; ".join(s["reasons"])[:120] or "-").replace("|", "/"),
+                _server_cell(s.get("server")),
+                _noise_cell(s.get("noise")),
+                ("; ".join(s["reasons"])[:160] or "-").replace("|", "/"),
             ]
         )
-    header = ["#", "phase", "rate", "arrived", "verdict", "TTFT p99 ms", "ITL p99 ms", "achieved", "goodput"]
-    lines += _md_table([*header, "why"], rows)
+    header = ["#", "phase", "rate", "arrived", "verdict", "window s", *bounds, "saturation", "achieved"]
+    return [*header, "server", "noise", "why"], rows
+
+
+def capacity_md(doc: dict[str, Any]) -> str:
+    target = doc.get("target", {})
+    name = target.get("name") or target.get("kind") or doc["options"].get("target_name")
+    lines = [f"# Capacity: {name}", "", f"SLO: `{doc['slo']}`", ""]
+    lines += _md_table(["figure", "value"], capacity_key_rows(doc))
+    lines += md_flags(capacity_flags(doc))
+    crossings = (doc.get("result") or {}).get("crossings") or []
+    if crossings:
+        lines += ["", "## Where each bound crosses (fitted over the steps)", ""]
+        rows = [[c["bound"], c["rate_req_s"], _f(c["low"]), _f(c["high"]), c["steps"]] for c in crossings]
+        lines += _md_table(["bound", "rate (req/s)", "95% low", "95% high", "steps fitted"], rows)
+    lines += ["", "## Open-loop steps", ""]
+    header, rows = step_rows(doc)
+    lines += _md_table(header, rows)
     lines += ["", STEP_COLUMNS]
     lines += ["", "## Closed-loop probe", ""]
     rows = [

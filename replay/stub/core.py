@@ -56,8 +56,8 @@ def _request_id(req: dict[str, Any], headers: dict[bytes, bytes]) -> str | None:
 
 class StubServer:
     def __init__(self, cfg: StubConfig) -> None:
-        if cfg.tokens_per_chunk < 1 or cfg.ttft_s < 0 or cfg.itl_s < 0 or cfg.max_concurrency < 0:
-            raise ReplayError("stub: tokens_per_chunk >= 1, ttft/itl >= 0 and max_concurrency >= 0 required")
+        if cfg.tokens_per_chunk < 1 or min(cfg.ttft_s, cfg.itl_s, cfg.ttft_jitter_s, cfg.max_concurrency) < 0:
+            raise ReplayError("stub: tokens_per_chunk >= 1; ttft, itl, jitter, max_concurrency >= 0 required")
         self.cfg = cfg
         self.truth = Truth()
         self.port = 0
@@ -74,6 +74,7 @@ class StubServer:
         self._queue: deque[Stream] = deque()
         self._index = 0
         self._rng = random.Random(cfg.seed)
+        self._jitter = random.Random(f"ttft-jitter-{cfg.seed}")  # its own stream: faults draw the same
         self._created = int(time.time())
         self._model_json = orjson.dumps(cfg.model)
         self._auth = None if cfg.api_key is None else b"Bearer " + cfg.api_key.encode()
@@ -121,6 +122,7 @@ class StubServer:
         elif method == b"GET" and path == b"/stub/truth":
             out = self.truth.summary(detail=b"detail=1" in query)
             out["config"] = {"ttft_ms": self.cfg.ttft_s * 1e3, "itl_ms": self.cfg.itl_s * 1e3,
+                             "ttft_jitter_ms": self.cfg.ttft_jitter_s * 1e3,
                              "tokens_per_chunk": self.cfg.tokens_per_chunk,
                              "max_concurrency": self.cfg.max_concurrency}  # fmt: skip
             conn.respond(200, orjson.dumps(out), keep_alive)
@@ -212,12 +214,14 @@ class StubServer:
         self._active += 1
         s.admitted = True
         s.t_admit = s.base = now
+        if self.cfg.ttft_jitter_s:
+            s.base += self._jitter.expovariate(1.0 / self.cfg.ttft_jitter_s)
         self.truth.queue.record_value(int((now - s.t_recv) * 1e6))
         if s.stream:
             s.conn.write(_STREAM_HEAD)
-            self._push(now + self.cfg.ttft_s, s)
+            self._push(s.base + self.cfg.ttft_s, s)
         else:
-            self._push(now + self.cfg.ttft_s + (s.n - 1) * self.cfg.itl_s, s)
+            self._push(s.base + self.cfg.ttft_s + (s.n - 1) * self.cfg.itl_s, s)
 
     def _release(self) -> None:
         self._active -= 1
@@ -358,6 +362,7 @@ class StubServer:
         tokens = s.sent if s.stream else s.n
         self.truth.requests.append((s.t_recv, s.t_admit, first, now, tokens, s.request_id))
         self.truth.first_byte.append(s.t_head)
+        self.truth.prompt_tokens.append(s.prompt_tokens)
 
     def lost(self, conn: Conn) -> None:
         """The client closed the connection; an unfinished stream stops and frees its slot."""
@@ -367,5 +372,6 @@ class StubServer:
         s.dead = True
         conn.stream = None
         self.truth.disconnected += 1
+        self.truth.lost.append((s.t_recv, time.perf_counter(), s.sent, s.request_id))
         if s.admitted:
             self._release()

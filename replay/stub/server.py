@@ -9,7 +9,8 @@ request: receipt, admission, first token written, end, tokens, and the client's 
 field or X-Request-Id header, so a test pairs its records with the stub's), POST /stub/reset clears them.
 
     python -m replay.stub.server --port 8000 --ttft-ms 20 --itl-ms 5 [--tokens-per-chunk K]
-        [--max-concurrency C] [--usage/--no-usage] [--continuous-usage] [--vllm] [--fault SPEC:PROB]
+        [--ttft-jitter-ms J] [--max-concurrency C] [--usage/--no-usage] [--continuous-usage] [--vllm]
+        [--fault SPEC:PROB]
 
 Routes: /v1/models, /v1/completions, /v1/chat/completions (streamed or not), /health,
 /metrics (a few vLLM gauges), /version (with --vllm only), /stub/truth, /stub/reset.
@@ -102,6 +103,8 @@ def _parse_args(argv: list[str] | None) -> tuple[StubConfig, str, int]:
     ap.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on stdout)")
     ap.add_argument("--ttft-ms", type=float, default=20.0)
     ap.add_argument("--itl-ms", type=float, default=5.0)
+    ap.add_argument("--ttft-jitter-ms", type=float, default=0.0,
+                    help="delay each first token by an exponential draw of this mean (seeded)")  # fmt: skip
     ap.add_argument("--tokens-per-chunk", type=int, default=1)
     ap.add_argument("--max-concurrency", type=int, default=0, help="0: unlimited; beyond it, FIFO queue")
     ap.add_argument("--usage", action=argparse.BooleanOptionalAction, default=True,
@@ -122,7 +125,8 @@ def _parse_args(argv: list[str] | None) -> tuple[StubConfig, str, int]:
     ap.add_argument("--vocab-size", type=int, default=0,
                     help="refuse prompt token ids >= N with HTTP 400, as vLLM does (0: any id)")  # fmt: skip
     a = ap.parse_args(argv)
-    cfg = StubConfig(ttft_s=a.ttft_ms / 1e3, itl_s=a.itl_ms / 1e3, tokens_per_chunk=a.tokens_per_chunk,
+    cfg = StubConfig(ttft_s=a.ttft_ms / 1e3, itl_s=a.itl_ms / 1e3, ttft_jitter_s=a.ttft_jitter_ms / 1e3,
+                     tokens_per_chunk=a.tokens_per_chunk,
                      max_concurrency=a.max_concurrency, usage=a.usage, continuous_usage=a.continuous_usage,
                      vllm=a.vllm, model=a.model, spin_s=a.spin_ms / 1e3,
                      faults=tuple(parse_fault_rule(f) for f in a.fault), seed=a.seed,

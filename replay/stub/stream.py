@@ -21,6 +21,9 @@ _FAST_PROMPT_BYTES = 1 << 16
 class StubConfig:
     ttft_s: float = 0.020
     itl_s: float = 0.005
+    # Service time noisy by construction: each request's first token (and so every later one) comes
+    # this much later on average, exponentially distributed, drawn from a generator seeded by `seed`.
+    ttft_jitter_s: float = 0.0
     tokens_per_chunk: int = 1
     max_concurrency: int = 0  # 0: unlimited
     usage: bool = True  # honour stream_options.include_usage

@@ -98,11 +98,15 @@ def build_command(cfg: VLLMServerConfig, port: int, host: str = LOOPBACK) -> lis
 
 
 def server_env(cfg: VLLMServerConfig, base: Mapping[str, str]) -> dict[str, str]:
-    """Additions to the environment: offline hub, and a KV-cache size on CPU (vLLM-CPU's default of
-    4 GiB is a lot on a small box). Values already in the caller's env or in cfg.env win."""
+    """Additions to the environment: offline hub, a KV-cache size on CPU (vLLM-CPU's default of
+    4 GiB is a lot on a small box), and vLLM's dev endpoints (POST /reset_prefix_cache, so a
+    capacity search can start each step with a cold cache; the server listens on loopback only).
+    Values already in the caller's env or in cfg.env win."""
     env: dict[str, str] = {}
     if "HF_HUB_OFFLINE" not in base:
         env["HF_HUB_OFFLINE"] = "1"
+    if "VLLM_SERVER_DEV_MODE" not in base:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
     if on_cpu_build() and "VLLM_CPU_KVCACHE_SPACE" not in base:
         env["VLLM_CPU_KVCACHE_SPACE"] = "1"
     env.update(cfg.env)
@@ -219,6 +223,22 @@ class VLLMServerTarget:
 
     async def send(self, request: Request, record: RequestRecord) -> None:
         await self.http.send(request, record)
+
+    async def reset_prefix_cache(self) -> str | None:
+        """Empty the server's prefix cache (POST /reset_prefix_cache); None when done, else why not.
+        Only on a server replay started (with VLLM_SERVER_DEV_MODE=1): an attached server may be
+        someone else's, and without dev mode vLLM does not offer the call."""
+        import aiohttp
+
+        if self.process is None:
+            return "attached server (replay did not start it)"
+        timeout = aiohttp.ClientTimeout(total=10)
+        url = self._base + "/reset_prefix_cache"
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as s, s.post(url) as r:
+                return None if r.status == 200 else f"POST /reset_prefix_cache answered HTTP {r.status}"
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return f"POST /reset_prefix_cache failed: {type(exc).__name__}"
 
     async def close(self) -> None:
         """Close the client, then stop the server (group SIGTERM -> SIGKILL). Safe to call twice,
