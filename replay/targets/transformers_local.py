@@ -180,11 +180,11 @@ class TransformersLocalTarget:
 
     async def close(self) -> None:
         """Fail what is in flight, then stop the model process (replay.targets.model_link)."""
+        if self._link is not None:
+            self._closed = True  # from now on send() refuses: nothing could answer it
         self._fail_all(errors.TARGET_ERROR, "target closed while the request was in flight")
-        link = self._link
-        if link is not None:
-            await link.close()
-            self._closed = True
+        if self._link is not None:
+            await self._link.close()
 
     # ---- from the model process ------------------------------------------------------------
 
