@@ -50,7 +50,7 @@ def run_once(a: argparse.Namespace, out: Path) -> dict[str, Any]:
         os.sched_setaffinity(stub.proc.pid, {int(STUB_CORE)})
         stub_http(stub.base_url, "POST", "/stub/reset")
         cmd = ["taskset", "-c", CLIENT_CORE, py, "-m", "replay", "run", "--target", stub.base_url,
-               "--rate", str(a.rate), "--arrival", "constant", "--duration", f"{a.requests / a.rate:g}",
+               "--rate", str(a.rate), "--arrival", "constant", "--duration", f"{a.requests / a.rate + 1:g}",
                "--requests", str(a.requests), "--output-tokens", str(a.tokens), "--input-tokens", "32",
                "--workers", "1", "--out", str(out), "--quiet"]  # fmt: skip
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
