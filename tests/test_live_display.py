@@ -154,6 +154,7 @@ def test_plain_lines_without_escape_codes(stub, tmp_path, how):
     assert "self-check: " in stream
 
 
+@pytest.mark.slow  # ~20-30 s: two probe levels and two steps
 def test_capacity_search_on_a_terminal(tmp_path):
     """Every probe level and step is shown live while it runs, and its verdict line stays, in colour."""
     out = tmp_path / "cap"
