@@ -71,7 +71,7 @@ def render(f: Feed, s: Snapshot, done: bool = False) -> Text:
     t.append(f"{max(0.0, s.elapsed_s):6.1f} s{planned}  ")
     frac = None
     if f.planned_s:
-        frac = min(1.0, s.elapsed_s / f.planned_s)
+        frac = min(1.0, max(0.0, s.elapsed_s) / f.planned_s)
     elif f.planned_requests and s.sent is not None:
         frac = min(1.0, s.sent / f.planned_requests)
     if frac is not None:
