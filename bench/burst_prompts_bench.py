@@ -1,7 +1,7 @@
 """Large-context bursts: do 30 prompts of 8k-120k tokens that share hash prefixes leave on time?
 
     PYTHONPATH=. python bench/burst_prompts_bench.py [--bursts 10] [--gap 3] [--size 30]
-        [--label after] [--out bench/results-burst-prompts]
+        [--label NAME] [--out bench/results-burst-prompts]
 
 Shaped like the busiest part of the Mooncake conversation trace (up to 28 requests on one
 millisecond, prompts averaging 12k and up to 126k tokens): a trace in Mooncake's own format is
@@ -18,7 +18,7 @@ view: the stub's receive time of each request (GET /stub/truth?detail=1, perf_co
 host clock) spread within each burst (last received - first received; every request of a burst
 was due at the same instant). The interval log period is set beyond the run so that interval
 closes (a separate defect) do not enter these figures. `--label` names the row in the results
-file (e.g. before / after), which keeps rows from earlier runs under other labels.
+file (default: the checkout's commit), which keeps rows from earlier runs under other labels.
 """
 
 from __future__ import annotations
@@ -186,10 +186,15 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=30, help="requests per burst")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--stub-core", type=int, default=1)
-    ap.add_argument("--label", default="after")
+    ap.add_argument("--label", default=None, help="the row's name (default: the checkout's commit)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results-burst-prompts")
     ap.add_argument("--keep", type=Path, default=None, help="keep the trace and run directory here")
     a = ap.parse_args()
+    if a.label is None:
+        sha = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        a.label = f"at {sha.stdout.strip() or 'unknown commit'}"
     if not shutil.which("taskset"):
         raise SystemExit("needs taskset (util-linux) to pin the client and the stub")
     if a.keep is not None:
