@@ -95,6 +95,7 @@ def test_accounting_and_summary_shape():
     rec.add(bad)
     rec.add(RequestRecord(id=2, intended_s=0.2, status="not_sent", error="stopped"))
     rec.add(RequestRecord(id=3, intended_s=0.3, status="unfinished", sent_s=0.31))
+    rec.add(RequestRecord(id=4, intended_s=0.4, status="abandoned", sent_s=0.41, first_token_s=0.5, end_s=0.6))
     hists = rec.close()
     assert rec.counts.accounted()
     s = build_summary(
@@ -115,11 +116,13 @@ def test_accounting_and_summary_shape():
         error_examples=rec.error_examples,
     )
     assert s["counts"] == {
-        "scheduled": 4,
+        "scheduled": 5,
         "ok": 1,
         "errors": {"http_503": 1},
         "not_sent": {"stopped": 1},
         "unfinished": 1,
+        "abandoned": 1,
+        "abandoned_mid_stream": 1,
         "accounted": True,
     }
     for name in ("ttft", "itl", "tpot", "e2e", "ttft_intended", "e2e_intended", "send_lag"):
@@ -127,7 +130,7 @@ def test_accounting_and_summary_shape():
     assert s["error_examples"] == {"http_503": ["busy"]}
     assert H.decode(s["histograms"]["ttft"]).get_total_count() == 1
     table = console_table(s)
-    assert "http_503=1" in table and "stopped=1" in table
+    assert "http_503=1" in table and "stopped=1" in table and "abandoned 1 (1 mid-stream)" in table
 
 
 def test_fast_percentiles_equal_hdrh_exactly():

@@ -52,6 +52,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model name on the server (default: the first it lists)")
     p.add_argument("--model-dir", default=None, help="model a started vLLM or the in-process target loads")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument(
+        "--abandon", default=None, metavar="SHARE:DIST",
+        help="users who leave: SHARE of requests cancelled DIST seconds after their intended send "
+        "(exp:MEAN, uniform:LO-HI or SECONDS), e.g. 0.2:exp:1.5; counted abandoned, not as errors",
+    )  # fmt: skip
     add_vocab_args(p)
     t = p.add_argument_group("recorded trace (arrival times and lengths come from the trace)")
     t.add_argument(
@@ -120,6 +125,7 @@ def _config(ns: argparse.Namespace) -> RunConfig:
         skip_bad_rows=ns.skip_bad_rows,
         vocab_size=ns.vocab_size,
         tokenizer=ns.tokenizer,
+        abandon=ns.abandon,
     )
 
 
@@ -154,6 +160,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
         offered = arrivals.mean_rate(cfg.arrival_spec(), cfg.duration_s) if cfg.duration_s else cfg.rate
     if cfg.concurrency:
         offered = None  # closed loop: the server sets the pace
+    if cfg.abandon:
+        from replay.schedule.behaviour import Abandoning, AbandonSpec
+
+        recipe = Abandoning(recipe, AbandonSpec.parse(cfg.abandon), cfg.seed)
     from replay.run import live
     from replay.run.colour import show_table
     from replay.scaleout.launch import scaled_run

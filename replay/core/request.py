@@ -20,6 +20,7 @@ OK = "ok"
 ERROR = "error"
 NOT_SENT = "not_sent"
 UNFINISHED = "unfinished"  # still in flight when the drain deadline passed: neither ok nor an error
+ABANDONED = "abandoned"  # the client left on purpose (a user closing the tab): not a server error
 # Order of a request's own ITL summary in requests.jsonl ("itl_s"): per-request SLOs need it,
 # and the chunk arrays themselves are not kept.
 ITL_STATS = ("p50", "p90", "p95", "p99", "p99.9", "max", "mean")
@@ -44,6 +45,9 @@ class Request:
     prefix_hash_ids: tuple[int, ...] = ()
     prefix_block_size: int = 0
     prepared: bytes | None = None
+    # The client leaves (cancels, closing the connection) this long after the intended send time,
+    # if the request is still going then; None: it stays to the end.
+    abandon_after_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -74,6 +78,7 @@ class RequestRecord:
     error_detail: str | None = None
     http_status: int | None = None
     worker: int = 0
+    abandon_after_s: float | None = None  # drawn patience (Request.abandon_after_s), if any
 
     def add_chunk(self, t: float, tokens: int) -> None:
         """Record a streamed chunk carrying `tokens` output tokens (0 for role/usage-only chunks)."""
@@ -203,6 +208,7 @@ class RequestRecord:
             "error": self.error,
             "error_detail": self.error_detail,
             "http_status": self.http_status,
+            **({} if self.abandon_after_s is None else {"abandon_after_s": _r(self.abandon_after_s)}),
         }
 
 
@@ -217,4 +223,5 @@ def record_for(req: Request) -> RequestRecord:
         input_tokens=req.input_tokens,
         requested_output_tokens=req.output_tokens,
         requested_input_tokens=req.input_tokens,
+        abandon_after_s=req.abandon_after_s,
     )

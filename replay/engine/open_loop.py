@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from replay.core import errors
-from replay.core.request import ERROR, NOT_SENT, OK, UNFINISHED, Request, RequestRecord, record_for
+from replay.core.request import ABANDONED, ERROR, NOT_SENT, OK, UNFINISHED, Request, RequestRecord, record_for
 from replay.core.target import Target
 from replay.engine.lookahead import LookAhead
 
@@ -51,6 +51,7 @@ class EngineState:
     ok: int = 0
     errors: int = 0
     not_sent: int = 0
+    abandoned: int = 0  # cancelled by the client on purpose (Request.abandon_after_s)
     prepared_late: int = 0  # requests the look-ahead made ready only after their send time
     draining_since: float = 0.0  # perf_counter when dispatching ended and the drain began (0: not yet)
 
@@ -145,6 +146,7 @@ class Engine:
 
     async def _one(self, req: Request, rec: RequestRecord) -> None:
         st = self.state
+        leave = None if req.abandon_after_s is None else self._leave_at(req)
         try:
             if self._sem is not None:
                 st.waiting_for_cap += 1
@@ -162,7 +164,9 @@ class Engine:
                 if self._sem is not None:
                     self._sem.release()
         except asyncio.CancelledError:
-            if self._drain_expired and rec.sent_s is None:  # still waiting for the concurrency cap
+            if leave is not None and leave.fired and not self._drain_expired:
+                _abandoned(rec)  # the drawn patience ran out: the client left on purpose
+            elif self._drain_expired and rec.sent_s is None:  # still waiting for the concurrency cap
                 rec.status, rec.error = NOT_SENT, errors.NOT_SENT_DEADLINE
             elif self._drain_expired:
                 rec.status = UNFINISHED
@@ -171,7 +175,16 @@ class Engine:
                 _fail(rec, errors.CANCELLED, "cancelled by the client (second signal)")
         except Exception as exc:  # a target bug must not lose the record
             _fail(rec, errors.TARGET_ERROR, f"{type(exc).__name__}: {exc}")
+        if leave is not None:
+            leave.cancel()
         self._finish(rec)
+
+    def _leave_at(self, req: Request) -> _Leave:
+        """A timer that cancels this request's task at intended + abandon_after (a user's patience runs
+        from when they asked, a concurrency-cap wait included)."""
+        task = asyncio.current_task()
+        assert task is not None and req.abandon_after_s is not None
+        return _Leave(task, self._t0 + req.intended_s + req.abandon_after_s)
 
     def _finish(self, rec: RequestRecord) -> None:
         if rec.end_s is None and rec.status not in (NOT_SENT, UNFINISHED) and rec.sent_s is not None:
@@ -184,6 +197,8 @@ class Engine:
             st.ok += 1
         elif rec.status == ERROR:
             st.errors += 1
+        elif rec.status == ABANDONED:
+            st.abandoned += 1
         self.sink(rec)
 
     def _not_sent(self, req: Request, reason: str) -> None:
@@ -213,6 +228,46 @@ class Engine:
         """Second signal: end every in-flight request now (each is recorded client_cancelled)."""
         for task in list(self._tasks):
             task.cancel()
+
+
+class _Leave:
+    """One request's abandon timer; `fired` tells `_one` that a cancellation is the client leaving.
+    Loop timers can fire up to ~1 ms early: like the dispatcher, it re-arms until within EARLY_S."""
+
+    __slots__ = ("task", "due", "handle", "fired")
+
+    def __init__(self, task: asyncio.Task[None], due: float) -> None:
+        self.task = task
+        self.due = due  # perf_counter
+        self.fired = False
+        self.handle = self._arm()
+
+    def _arm(self) -> asyncio.TimerHandle:
+        return asyncio.get_running_loop().call_later(max(0.0, self.due - time.perf_counter()), self.fire)
+
+    def fire(self) -> None:
+        if self.task.done():
+            return
+        if self.due - time.perf_counter() > EARLY_S:
+            self.handle = self._arm()
+            return
+        self.fired = True
+        self.task.cancel()
+
+    def cancel(self) -> None:
+        self.handle.cancel()
+
+
+def _abandoned(rec: RequestRecord) -> None:
+    """Status abandoned, whatever the target recorded for the cancellation; `end_s` is when it left."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
+    when = "mid-stream" if rec.first_token_s is not None else "before the first token"
+    rec.status, rec.error = ABANDONED, None
+    rec.error_detail = f"the client left {rec.abandon_after_s:.3f} s after the intended send, {when}"
+    if rec.end_s is None:
+        rec.end_s = time.perf_counter()
 
 
 def _fail(rec: RequestRecord, kind: str, detail: str) -> None:

@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from replay.core.errors import ReplayError
 from replay.schedule.arrivals import ArrivalSpec
+from replay.schedule.behaviour import AbandonSpec
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class RunConfig:
     # Prompt token ids stay below this vocabulary size (replay.schedule.vocab); at most one is set.
     vocab_size: int | None = None
     tokenizer: Path | None = None
+    abandon: str | None = None  # SHARE:DIST (replay.schedule.behaviour.AbandonSpec)
 
     def arrival_spec(self) -> ArrivalSpec:
         return ArrivalSpec(
@@ -101,6 +104,11 @@ class RunConfig:
             out.append(f"--vocab-size: must be >= 2, got {self.vocab_size}")
         if self.vocab_size is not None and self.tokenizer is not None:
             out.append("--vocab-size/--tokenizer: give one of them")
+        if self.abandon is not None:
+            try:
+                AbandonSpec.parse(self.abandon)
+            except ReplayError as exc:
+                out.append(str(exc))
         return out
 
     def to_json(self) -> dict[str, Any]:

@@ -106,6 +106,7 @@ def interval_row(
         "error_kinds": dict(counts.errors),
         "not_sent": sum(counts.not_sent.values()),
         "unfinished": counts.unfinished,
+        "abandoned": counts.abandoned,
         "req_s": round(counts.ok / length_s, 3) if length_s > 0 else None,
         "output_tok_s": round(counts.output_tokens / length_s, 1) if length_s > 0 else None,
         "in_flight": in_flight,

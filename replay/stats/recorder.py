@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from hdrh.histogram import HdrHistogram
 
-from replay.core.request import ERROR, NOT_SENT, OK, UNFINISHED, RequestRecord
+from replay.core.request import ABANDONED, ERROR, NOT_SENT, OK, UNFINISHED, RequestRecord
 from replay.stats import histogram as H
 
 # Latency metrics (seconds in, microseconds in the histogram).
@@ -42,6 +42,8 @@ class Counts:
     errors: Counter[str] = field(default_factory=Counter)
     not_sent: Counter[str] = field(default_factory=Counter)
     unfinished: int = 0  # still in flight at the drain deadline (not server errors, not dropped)
+    abandoned: int = 0  # the client left on purpose (--abandon), before or after the first token
+    abandoned_mid_stream: int = 0  # of those, after the first token
     input_tokens: int = 0
     output_tokens: int = 0
     last_end_s: float = 0.0
@@ -56,6 +58,8 @@ class Counts:
         self.errors.update(other.errors)
         self.not_sent.update(other.not_sent)
         self.unfinished += other.unfinished
+        self.abandoned += other.abandoned
+        self.abandoned_mid_stream += other.abandoned_mid_stream
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
         self.last_end_s = max(self.last_end_s, other.last_end_s)
@@ -64,8 +68,8 @@ class Counts:
         self.prompt_len_diffs.update(other.prompt_len_diffs)
 
     def accounted(self) -> bool:
-        """The invariant: scheduled = ok + errors (by kind) + unfinished + not sent (by reason)."""
-        done = self.ok + sum(self.errors.values()) + self.unfinished
+        """The invariant: scheduled = ok + errors (by kind) + unfinished + abandoned + not sent (by why)."""
+        done = self.ok + sum(self.errors.values()) + self.unfinished + self.abandoned
         return self.scheduled == done + sum(self.not_sent.values())
 
 
@@ -100,6 +104,9 @@ class Recorder:
                 c.not_sent[rec.error or "unknown"] += 1
             elif rec.status == UNFINISHED:
                 c.unfinished += 1
+            elif rec.status == ABANDONED:
+                c.abandoned += 1
+                c.abandoned_mid_stream += rec.first_token_s is not None
         if rec.status == ERROR:
             self._example(rec)
         lag = rec.dispatch_lag()

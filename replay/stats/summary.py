@@ -47,6 +47,8 @@ def counts_json(counts: Counts) -> dict[str, Any]:
         "errors": dict(sorted(counts.errors.items())),
         "not_sent": dict(sorted(counts.not_sent.items())),
         "unfinished": counts.unfinished,
+        "abandoned": counts.abandoned,
+        "abandoned_mid_stream": counts.abandoned_mid_stream,
         "accounted": counts.accounted(),
     }
 
@@ -136,6 +138,8 @@ def console_table(summary: dict[str, Any]) -> str:
     lines.append(
         f"requests: scheduled {c['scheduled']}, ok {c['ok']}, errors {sum(c['errors'].values())} ({errs}), "
         + (f"unfinished {c['unfinished']}, " if c.get("unfinished") else "")
+        + (f"abandoned {c['abandoned']} ({c['abandoned_mid_stream']} mid-stream), " if c.get("abandoned")
+           else "")
         + f"not sent {sum(c['not_sent'].values())} ({ns})"
     )
     lines.append(

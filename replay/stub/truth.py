@@ -126,6 +126,10 @@ class Truth:
         # When each request's first bytes arrived, in the order of `requests` (a 600 kB body takes
         # a while to arrive whole: this is when the client began sending it).
         self.first_byte: deque[float] = deque(maxlen=self.DETAIL_KEEP)
+        # Each request's prompt length as the stub counted it, in the order of `requests`.
+        self.prompt_tokens: deque[int] = deque(maxlen=self.DETAIL_KEEP)
+        # Requests whose client went away before the end: (t_received, t_lost, tokens written, id).
+        self.lost: deque[tuple[float, float, int, str | None]] = deque(maxlen=self.DETAIL_KEEP)
 
     def chunk(self, t: float, due: float, prev_t: float | None, t_recv: float, k: int) -> None:
         """A content chunk of `k` tokens was written at `t` (scheduled for `due`)."""
@@ -182,4 +186,6 @@ class Truth:
         if detail:
             out["requests"] = list(self.requests)
             out["first_byte"] = list(self.first_byte)
+            out["prompt_tokens"] = list(self.prompt_tokens)
+            out["lost"] = list(self.lost)
         return out
