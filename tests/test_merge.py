@@ -48,6 +48,10 @@ def fake_records(n: int, seed: int = 1) -> list[RequestRecord]:
                 rec.add_chunk(ft + k * rng.lognormal(np.log(0.01), 0.5), int(rng.integers(1, 3)))
             rec.end_s = rec.chunk_s[-1]
             rec.finish_tokens()
+        if i % 17 == 0:
+            rec.klass = "probe"  # the probe stream's histograms merge like the rest
+        elif i % 23 == 0 and rec.status == "ok":
+            rec.status = "abandoned"
         out.append(rec)
     return out
 
@@ -100,6 +104,10 @@ def test_merged_histograms_equal_one_recorder_exactly() -> None:
         )
         assert counts.output_tokens == one.counts.output_tokens and counts.accounted()
         assert counts.last_end_s == one.counts.last_end_s
+        c1 = one.counts
+        assert (counts.abandoned, counts.abandoned_mid_stream) == (c1.abandoned, c1.abandoned_mid_stream)
+        assert c1.abandoned > 0
+        assert (counts.probe_scheduled, counts.probe_ok) == (c1.probe_scheduled, c1.probe_ok) > (0, 0)
 
 
 def test_selfcheck_names_the_worker_that_fell_behind() -> None:

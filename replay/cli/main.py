@@ -57,6 +57,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="users who leave: SHARE of requests cancelled DIST seconds after their intended send "
         "(exp:MEAN, uniform:LO-HI or SECONDS), e.g. 0.2:exp:1.5; counted abandoned, not as errors",
     )  # fmt: skip
+    p.add_argument(
+        "--probe-rate", type=float, default=None, metavar="R",
+        help="a probe stream beside the load: R requests/s (Poisson) of 32 in / 16 out, reported apart",
+    )  # fmt: skip
     add_vocab_args(p)
     t = p.add_argument_group("recorded trace (arrival times and lengths come from the trace)")
     t.add_argument(
@@ -126,6 +130,7 @@ def _config(ns: argparse.Namespace) -> RunConfig:
         vocab_size=ns.vocab_size,
         tokenizer=ns.tokenizer,
         abandon=ns.abandon,
+        probe_rate=ns.probe_rate,
     )
 
 
@@ -164,6 +169,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
         from replay.schedule.behaviour import Abandoning, AbandonSpec
 
         recipe = Abandoning(recipe, AbandonSpec.parse(cfg.abandon), cfg.seed)
+    if cfg.probe_rate:
+        from replay.schedule.probe import WithProbe
+        from replay.schedule.vocab import id_range
+
+        recipe = WithProbe(recipe, cfg.probe_rate, cfg.seed, *id_range(vocab))
     from replay.run import live
     from replay.run.colour import show_table
     from replay.scaleout.launch import scaled_run

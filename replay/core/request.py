@@ -21,6 +21,7 @@ ERROR = "error"
 NOT_SENT = "not_sent"
 UNFINISHED = "unfinished"  # still in flight when the drain deadline passed: neither ok nor an error
 ABANDONED = "abandoned"  # the client left on purpose (a user closing the tab): not a server error
+PROBE = "probe"  # Request.klass of the probe stream: fixed small requests beside the load (--probe-rate)
 # Order of a request's own ITL summary in requests.jsonl ("itl_s"): per-request SLOs need it,
 # and the chunk arrays themselves are not kept.
 ITL_STATS = ("p50", "p90", "p95", "p99", "p99.9", "max", "mean")
@@ -48,7 +49,7 @@ class Request:
     # The client leaves (cancels, closing the connection) this long after the intended send time,
     # if the request is still going then; None: it stays to the end.
     abandon_after_s: float | None = None
-
+    klass: str | None = None  # a request class measured apart (PROBE), None: the main load
 
 @dataclass(slots=True)
 class RequestRecord:
@@ -79,6 +80,7 @@ class RequestRecord:
     http_status: int | None = None
     worker: int = 0
     abandon_after_s: float | None = None  # drawn patience (Request.abandon_after_s), if any
+    klass: str | None = None  # Request.klass
 
     def add_chunk(self, t: float, tokens: int) -> None:
         """Record a streamed chunk carrying `tokens` output tokens (0 for role/usage-only chunks)."""
@@ -209,6 +211,7 @@ class RequestRecord:
             "error_detail": self.error_detail,
             "http_status": self.http_status,
             **({} if self.abandon_after_s is None else {"abandon_after_s": _r(self.abandon_after_s)}),
+            **({} if self.klass is None else {"class": self.klass}),
         }
 
 
@@ -224,4 +227,5 @@ def record_for(req: Request) -> RequestRecord:
         requested_output_tokens=req.output_tokens,
         requested_input_tokens=req.input_tokens,
         abandon_after_s=req.abandon_after_s,
+        klass=req.klass,
     )

@@ -48,6 +48,7 @@ class RunConfig:
     vocab_size: int | None = None
     tokenizer: Path | None = None
     abandon: str | None = None  # SHARE:DIST (replay.schedule.behaviour.AbandonSpec)
+    probe_rate: float | None = None  # requests/s of the probe stream beside the load (replay.schedule.probe)
 
     def arrival_spec(self) -> ArrivalSpec:
         return ArrivalSpec(
@@ -104,6 +105,11 @@ class RunConfig:
             out.append(f"--vocab-size: must be >= 2, got {self.vocab_size}")
         if self.vocab_size is not None and self.tokenizer is not None:
             out.append("--vocab-size/--tokenizer: give one of them")
+        if self.probe_rate is not None:
+            if not (self.probe_rate > 0 and math.isfinite(self.probe_rate)):
+                out.append(f"--probe-rate: must be a positive number of requests/s, got {self.probe_rate}")
+            if self.concurrency is not None:
+                out.append("--probe-rate: needs an open-loop run (a timeline beside), not --concurrency")
         if self.abandon is not None:
             try:
                 AbandonSpec.parse(self.abandon)

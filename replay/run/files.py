@@ -97,6 +97,7 @@ def interval_row(
     """One timeseries.jsonl row: what one interval did (one process or all workers merged)."""
     ttft = H.summary_ms(hists["ttft"])
     itl = H.summary_ms(hists["itl"])
+    probe = H.summary_ms(hists["probe_ttft"]) if counts.probe_scheduled else None
     return {
         "t_s": round(start_s + length_s, 3),
         "interval_s": round(length_s, 3),
@@ -115,4 +116,5 @@ def interval_row(
         "ttft_p99_ms": ttft["p99"],
         "itl_p50_ms": itl["p50"],
         "itl_p99_ms": itl["p99"],
+        **({} if probe is None else {"probe_ttft_p50_ms": probe["p50"], "probe_ttft_p99_ms": probe["p99"]}),
     }

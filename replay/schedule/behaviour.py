@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from replay.core.errors import ReplayError
-from replay.core.request import Request
+from replay.core.request import PROBE, Request
 
 _MASK = (1 << 64) - 1
 KINDS = ("exp", "uniform", "fixed")
@@ -119,8 +119,11 @@ _ABANDON_SALT = 1
 
 
 def with_abandons(schedule: Iterable[Request], spec: AbandonSpec, seed: int) -> Iterator[Request]:
-    """The same requests, a seeded `spec.share` of them given their drawn patience."""
+    """The same requests, a seeded `spec.share` of them given their drawn patience (probes stay)."""
     for req in schedule:
+        if req.klass == PROBE:
+            yield req
+            continue
         u_pick, u_time = uniforms(seed, _ABANDON_SALT, req.id)
         if u_pick < spec.share:
             req.abandon_after_s = spec.after.at(u_time)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from hdrh.histogram import HdrHistogram
 
-from replay.core.request import ABANDONED, ERROR, NOT_SENT, OK, UNFINISHED, RequestRecord
+from replay.core.request import ABANDONED, ERROR, NOT_SENT, OK, PROBE, UNFINISHED, RequestRecord
 from replay.stats import histogram as H
 
 # Latency metrics (seconds in, microseconds in the histogram).
@@ -26,6 +26,10 @@ LATENCY_METRICS = (
     "send_lag",
     "dispatch_lag",
 )
+# The probe stream's own latencies (--probe-rate): what a quiet user sees beside the load. Probe
+# requests go into these only, never into the main load's histograms (they are counted in Counts).
+PROBE_METRICS = ("probe_ttft", "probe_ttft_intended", "probe_itl", "probe_e2e")
+LATENCY_METRICS = LATENCY_METRICS + PROBE_METRICS
 # Rate metrics are stored in milli-units so the same integer histogram serves them.
 RATE_METRICS = ("output_tps",)
 METRICS = LATENCY_METRICS + RATE_METRICS
@@ -44,6 +48,8 @@ class Counts:
     unfinished: int = 0  # still in flight at the drain deadline (not server errors, not dropped)
     abandoned: int = 0  # the client left on purpose (--abandon), before or after the first token
     abandoned_mid_stream: int = 0  # of those, after the first token
+    probe_scheduled: int = 0  # of `scheduled`, the probe stream's requests
+    probe_ok: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
     last_end_s: float = 0.0
@@ -60,6 +66,8 @@ class Counts:
         self.unfinished += other.unfinished
         self.abandoned += other.abandoned
         self.abandoned_mid_stream += other.abandoned_mid_stream
+        self.probe_scheduled += other.probe_scheduled
+        self.probe_ok += other.probe_ok
         self.input_tokens += other.input_tokens
         self.output_tokens += other.output_tokens
         self.last_end_s = max(self.last_end_s, other.last_end_s)
@@ -113,6 +121,9 @@ class Recorder:
         h = self.interval
         if lag is not None:
             H.record_seconds(h["dispatch_lag"], lag)
+        if rec.klass == PROBE:
+            self._probe(rec, h)
+            return
         if rec.status != OK:
             return
         for name, value in (
@@ -132,6 +143,18 @@ class Recorder:
             decode_s = (rec.end_s or 0.0) - rec.first_token_s
             if decode_s > 0:
                 h["output_tps"].record_value(int((rec.output_tokens - 1) / decode_s * 1000))
+
+    def _probe(self, rec: RequestRecord, h: dict[str, HdrHistogram]) -> None:
+        for c in (self.counts, self.interval_counts):
+            c.probe_scheduled += 1
+            c.probe_ok += rec.status == OK
+        if rec.status != OK:
+            return
+        for name, value in (("probe_ttft", rec.ttft()), ("probe_ttft_intended", rec.ttft_intended()),
+                            ("probe_e2e", rec.e2e())):  # fmt: skip
+            if value is not None:
+                H.record_seconds(h[name], value)
+        H.record_seconds_many(h["probe_itl"], rec.itls())
 
     def _example(self, rec: RequestRecord) -> None:
         ex = self.error_examples.setdefault(rec.error or "unknown", [])

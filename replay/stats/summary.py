@@ -12,7 +12,7 @@ from hdrh.histogram import HdrHistogram
 from replay.stats import histogram as H
 from replay.stats.hints import hints
 from replay.stats.plausibility import plausibility
-from replay.stats.recorder import LATENCY_METRICS, RATE_METRICS, Counts
+from replay.stats.recorder import LATENCY_METRICS, PROBE_METRICS, RATE_METRICS, Counts
 from replay.stats.saturation import headline
 
 SCHEMA_VERSION = 1
@@ -98,9 +98,22 @@ def build_summary(
         "selfcheck": selfcheck,
         "histograms": {name: H.encode(h) for name, h in hists.items()},
     }
+    if counts.probe_scheduled:
+        summary["probe"] = probe_section(summary["metrics"], counts, config)
     if extra:
         summary.update(extra)
     return summary
+
+
+def probe_section(metrics: dict[str, Any], counts: Counts, config: dict[str, Any]) -> dict[str, Any]:
+    """The probe stream apart (--probe-rate): its counts and latencies, named as the main load's."""
+    return {
+        "rate_req_s": config.get("probe_rate"),
+        "scheduled": counts.probe_scheduled,
+        "ok": counts.probe_ok,
+        "not_ok": counts.probe_scheduled - counts.probe_ok,
+        "metrics": {m.removeprefix("probe_"): metrics[m] for m in PROBE_METRICS},
+    }
 
 
 def _fmt(v: Any) -> str:
@@ -129,6 +142,11 @@ def console_table(summary: dict[str, Any]) -> str:
         lines.append(f"{name:<16}" + "".join(f"{_fmt(m[name][c]):>10}" for c in cols))
     tps = m["output_tps"]
     lines.append(f"{'tok/s/request':<16}" + "".join(f"{_fmt_int(tps[c]):>10}" for c in cols))
+    probe = summary.get("probe")
+    if probe:  # the quiet user's view beside the load's (--probe-rate)
+        for name in ("ttft", "ttft_intended", "itl", "e2e"):
+            row = probe["metrics"][name]
+            lines.append(f"{'probe ' + name:<16}" + "".join(f"{_fmt(row[c]):>10}" for c in cols))
     c = summary["counts"]
     t = summary["throughput"]
     errs = ", ".join(f"{k}={v}" for k, v in c["errors"].items()) or "none"
@@ -148,6 +166,9 @@ def console_table(summary: dict[str, Any]) -> str:
         + f", {_fmt(t['output_tok_s'])} output tok/s, {_fmt(t['total_tok_s'])} total tok/s"
         + f" over {_fmt(t['span_s'])} s"
     )
+    if probe:
+        lines.append(f"probe: {probe['ok']} of {probe['scheduled']} ok at {_fmt(probe['rate_req_s'])} req/s "
+                     "(counted in requests above; latencies apart from the load's)")  # fmt: skip
     ple = summary.get("prompt_length_error")
     if ple and ple["mismatched"]:
         lines.append(
