@@ -19,6 +19,9 @@ from replay.core.target import Target
 from replay.engine.lookahead import LookAhead
 
 Sink = Callable[[RequestRecord], None]
+# A request's successor, made when it ends (a session's next turn): (request, its end in run-relative
+# seconds, output tokens the server reported) -> the next request, its intended time set, or None.
+FollowUp = Callable[[Request, float, int], "Request | None"]
 EARLY_S = 0.0002
 # At the drain deadline, in-flight requests are cancelled this many per loop turn: thousands at
 # once (an overloaded run) would run their cancellation handlers in one long loop iteration.
@@ -38,6 +41,7 @@ class EngineOptions:
     # holding at most look_ahead_bytes (see lookahead.py).
     look_ahead_s: float = 2.0
     look_ahead_bytes: int = 256 << 20
+    follow_up: FollowUp | None = None
 
 
 @dataclass(slots=True)
@@ -177,7 +181,40 @@ class Engine:
             _fail(rec, errors.TARGET_ERROR, f"{type(exc).__name__}: {exc}")
         if leave is not None:
             leave.cancel()
+        follow = self.options.follow_up
+        nxt = None
+        if follow is not None and rec.status == OK and rec.end_s is not None:
+            nxt = follow(req, rec.end_s - self._t0, rec.output_tokens)
         self._finish(rec)
+        if nxt is not None:
+            self._submit(nxt)
+
+    def _submit(self, req: Request) -> None:
+        """A request made during the run (a follow-up): sent at its own intended time, like the
+        schedule's, its dispatch lag measured against that time."""
+        if self._stopping or self._drain_expired:
+            self._not_sent(req, errors.NOT_SENT_STOPPED)
+            return
+        task = asyncio.get_running_loop().create_task(self._later(req))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _later(self, req: Request) -> None:
+        due = self._t0 + req.intended_s
+        try:
+            while (delay := due - time.perf_counter()) > EARLY_S:
+                await asyncio.sleep(delay)
+        except asyncio.CancelledError:
+            self._not_sent(req, errors.NOT_SENT_DEADLINE if self._drain_expired else errors.NOT_SENT_STOPPED)
+            return
+        if self._stopping:
+            self._not_sent(req, errors.NOT_SENT_STOPPED)
+            return
+        rec = record_for(req)
+        rec.worker = self.options.worker
+        rec.dispatch_s = time.perf_counter()
+        self.state.dispatched += 1
+        await self._one(req, rec)
 
     def _leave_at(self, req: Request) -> _Leave:
         """A timer that cancels this request's task at intended + abandon_after (a user's patience runs
@@ -210,9 +247,14 @@ class Engine:
         self.sink(rec)
 
     async def _drain(self) -> None:
-        if not self._tasks:
-            return
-        _, still = await asyncio.wait(set(self._tasks), timeout=self.options.drain_timeout_s)
+        deadline = time.perf_counter() + self.options.drain_timeout_s
+        still: set[asyncio.Task[None]] = set()
+        while self._tasks:  # follow-ups made while draining are waited for too
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                still = set(self._tasks)
+                break
+            _, still = await asyncio.wait(set(self._tasks), timeout=left)
         if not still:
             return
         # Requests still in flight now are counted unfinished: the server did not get to them in time.
