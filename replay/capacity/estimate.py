@@ -83,7 +83,7 @@ def fit_crossing(
     num = math.log(allowed) - a
     rate = rc + num / b
     # Fieller: the r with (num - b r')^2 <= z^2 var(num - b r'), r' = r - rc; var(num) = var(a).
-    va, vb, cab = cov[0, 0], cov[1, 1], cov[0, 1]
+    va, vb, cab = float(cov[0, 0]), float(cov[1, 1]), float(cov[0, 1])
     z2 = Z95 * Z95
     qa = b * b - z2 * vb
     qb = -2 * (num * b - z2 * (-cab))
@@ -94,7 +94,7 @@ def fit_crossing(
     else:
         lo = rc + (-qb - math.sqrt(disc)) / (2 * qa)
         hi = rc + (-qb + math.sqrt(disc)) / (2 * qa)
-    return Crossing(bound, rate, lo, hi, b, len(x))
+    return Crossing(bound, float(rate), float(lo), float(hi), b, len(x))
 
 
 def usable(steps: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

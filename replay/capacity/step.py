@@ -119,14 +119,20 @@ class StepRunner:
         # of the window that ran, not the whole of it (that would understate them).
         stopped = watch.abort_reason is not None
         end = min(duration, max((ln["intended_s"] for ln in lines), default=w0)) if stopped else duration
+        if watch.decision is not None and watch.stopped_at is not None:
+            end = watch.stopped_at  # the window its deciding look judged
         span = end - w0
         gp = goodput(lines, o.slo, w0, end)
         point = o.slo.evaluate(hists, gp.scheduled, gp.failed)
-        parts = [p.to_json() for p in (t.judge(w0, end, watch.alpha) for t in watch.tallies)]
+        if watch.decision is not None:  # decided at a look: that look's verdict, on its window
+            verdict, judged, sat = watch.decision
+        else:  # ran to its end (or stopped by overload): judged on everything, saturation exactly
+            judged = [t.judge(w0, end, watch.alpha) for t in watch.tallies]
+            sat = saturation(lines, w0, end, self.baseline_ttft_s, watch.alpha)
+            verdict = combine([p.verdict for p in judged] + [sat.verdict_as_bound])
+        parts = [p.to_json() for p in judged]
         for p, b in zip(parts, o.slo.bounds, strict=True):
             p["value_interval"] = _value_interval(b, hists, p, watch.alpha)
-        sat = saturation(lines, w0, end, self.baseline_ttft_s, watch.alpha)
-        verdict = combine([p["verdict"] for p in parts] + [sat.verdict_as_bound])
         trusted = bool(summary["selfcheck"]["trustworthy"])
         reasons = _reasons(parts, sat)
         if stopped:
@@ -142,10 +148,13 @@ class StepRunner:
             "seed": seed,
             "run_dir": str(run_dir.relative_to(self.out)),
             "verdict": verdict if trusted else "untrusted",
+            "judgement": verdict,  # what the measurements say, trusted or not
             "passed": trusted and verdict == "pass",
             "reasons": reasons,
             "aborted": watch.abort_reason,
-            "looks": [*watch.judged, {"at_s": round(end, 2), "verdict": verdict}],
+            "looks": watch.judged
+            if watch.decision
+            else [*watch.judged, {"at_s": round(end, 2), "verdict": verdict}],
             "bounds": parts,
             "point_verdict": point.to_json(),
             "goodput": gp.to_json(),

@@ -8,15 +8,16 @@ interval lies on one side of it (and the saturation trends too), the step is dec
 schedule ends there; otherwise it runs on, to its longest length, where it may end undecided.
 The tallies are also the step's final record: `judge()` after the run gives the verdict.
 
-Two quicker stops for steps that are failing hard (a queue is building), so they cost seconds:
-  - a percentile bound that can no longer pass: finished requests over the bound plus in-flight
-    requests whose age already exceeds it (they can only end over it) outnumber what pXX allows
-    of a generous upper estimate of the step's request count at its longest length;
+Quicker ends for steps that are failing hard (a queue is building), so they cost seconds:
+  - a percentile bound beyond reach (finished requests over the bound plus in-flight requests
+    whose age already exceeds it outnumber what pXX allows of a generous upper estimate of the
+    step's request count at its longest length) calls one extra look; near the bound that is
+    noise, so the look, not the count, decides;
   - the backlog (requests in flight) grew since the warm-up by more than max(10, 25% of the
-    expected arrivals): a gross overload. This is looser than the post-hoc saturation check: a
-    batching server's in-flight count also rises, and settles, as its latency grows with load
-    (Little's law), and a live check must not mistake that for an unbounded queue.
-Either one is also a look: the step stops there and is judged on what it has.
+    expected arrivals), or most requests fail: a gross overload, which stops the step at once
+    (judged afterwards on what it has). The backlog rule is looser than the post-hoc saturation
+    check: a batching server's in-flight count also rises, and settles, as its latency grows
+    with load (Little's law), and a live check must not mistake that for an unbounded queue.
 Stopping means the schedule ends early (the rest is never sent); in-flight requests still drain.
 
 Times: the watch sees absolute perf_counter stamps. The run's start t0 is estimated as the least
@@ -107,6 +108,7 @@ class StepWatch:
         self.ended: list[float] = []
         self.open_intended: dict[int, float] = {}
         self.judged: list[dict[str, Any]] = []  # one entry per look
+        self.decision: tuple[str, list[Judgement], Saturation] | None = None  # the look that decided
 
     # Target interface: the capacity search owns the inner target's lifecycle.
     async def start(self) -> None:
@@ -171,15 +173,34 @@ class StepWatch:
             self.alpha if alpha is None else alpha,
         )  # fmt: skip
 
-    def judge(self, end_s: float) -> tuple[str, list[Judgement], Saturation]:
-        """The step's verdict over [warm-up, end_s) on what has finished."""
-        parts = [t.judge(self.warmup_s, end_s, self.alpha) for t in self.tallies]
+    def judge(self, end_s: float, now: float | None = None) -> tuple[str, list[Judgement], Saturation]:
+        """The step's verdict over [warm-up, end_s) on what has finished, plus, at a live look
+        (`now`, perf_counter), the requests in flight that already break a bound by their age."""
+        late = [self._late(b, now) if now is not None else 0 for b in (t.bound for t in self.tallies)]
+        parts = [
+            t.judge(self.warmup_s, end_s, self.alpha, extra)
+            for t, extra in zip(self.tallies, late, strict=True)
+        ]
         sat = self.saturation(end_s)
         verdict = combine([p.verdict for p in parts] + [sat.verdict_as_bound])
         return verdict, parts, sat
 
+    def _late(self, b: Bound, now: float) -> int:
+        """In-flight requests whose age already breaks upper bound b (they can only end over it)."""
+        if not b.upper or b.metric not in _DECIDABLE:
+            return 0
+        to_first = b.metric.startswith("ttft")
+        late = 0
+        for rec in self.in_flight.values():
+            if to_first and rec.first_token_s is not None:
+                continue
+            since = rec.sent_s if b.metric in _FROM_SENT else rec.dispatch_s
+            if since is not None and now - since > b.value:
+                late += 1
+        return late
+
     def quick_stop(self, now: float) -> str | None:
-        """A reason when the step can no longer pass (gross overload), else None."""
+        """A reason when the step is grossly overloaded (errors, a growing backlog), else None."""
         if self.errors > self.errors_allowed:
             return f"{self.errors} failed requests already exceed what the SLO allows"
         if self.t0 is not None and now - self.t0 >= self.warmup_s:
@@ -187,15 +208,14 @@ class StepWatch:
                 self.backlog_start = self.outstanding
             elif self.outstanding - self.backlog_start > self.backlog_limit:
                 return f"backlog grew from {self.backlog_start} to {self.outstanding} requests in flight"
+        return None
+
+    def beyond_reach(self, now: float) -> str | None:
+        """A percentile bound that the step could no longer pass even at its longest length (its
+        violations, finished or in flight, outnumber what pXX allows of the most requests the step
+        may see). Not a verdict by itself: near the bound that is noise; it calls for a look."""
         for i, (b, allowed) in enumerate(self.bounds):
-            to_first = b.metric.startswith("ttft")
-            late = 0
-            for rec in self.in_flight.values():
-                if to_first and rec.first_token_s is not None:
-                    continue
-                since = rec.sent_s if b.metric in _FROM_SENT else rec.dispatch_s
-                if since is not None and now - since > b.value:
-                    late += 1
+            late = self._late(b, now)
             if self.violations[i] + late > allowed:
                 return f"{self.violations[i] + late} requests already break {b.text} (at most {allowed} may)"
         return None
@@ -209,6 +229,7 @@ class StepWatch:
 
     async def monitor(self) -> None:
         looks = list(self.looks[:-1])  # the last look is the schedule's end: judged after the run
+        spare = True  # the one extra look a bound beyond reach may call (see look_alpha above)
         while self.abort_reason is None:
             await asyncio.sleep(CHECK_EVERY_S)
             now = time.perf_counter()
@@ -219,13 +240,22 @@ class StepWatch:
             if reason is not None:
                 self.abort_reason, self.stopped_at = reason, rel
                 return
-            if looks and rel >= looks[0]:
-                at = looks.pop(0)
-                verdict, parts, _ = self.judge(at)
-                self.judged.append({"at_s": round(at, 2), "verdict": verdict})
-                if verdict != "undecided":
-                    self.stopped_at = at
-                    self.abort_reason = f"decided ({verdict}) at {at - self.warmup_s:.0f} s"
+            why = self.beyond_reach(now) if spare else None
+            if why is not None:
+                spare = False
+                self._look(rel, now, why)
+            elif looks and rel >= looks[0]:
+                self._look(looks.pop(0), now, None)
+
+    def _look(self, at: float, now: float, why: str | None) -> None:
+        verdict, parts, sat = self.judge(at, now)
+        self.judged.append({"at_s": round(at, 2), "verdict": verdict, **({"called_by": why} if why else {})})
+        if verdict != "undecided":  # the step's verdict is this look's: later arrivals are not judged
+            self.decision = (verdict, parts, sat)
+            self.stopped_at = at
+            self.abort_reason = f"decided ({verdict}) at {at - self.warmup_s:.0f} s" + (
+                f": {why}" if why else ""
+            )
 
 
 def _values(rec: RequestRecord, intended_s: float, b: Bound, t0: float, ok: bool) -> tuple[float, Any] | None:
