@@ -19,6 +19,7 @@ from replay.core.errors import ReplayError
 from replay.core.prompt import TokenIds
 from replay.core.request import Request, RequestRecord
 from replay.engine.open_loop import Engine, EngineOptions
+from replay.run.runner import run_in_uvloop
 from replay.schedule.prompts import PromptBuilder
 from replay.targets.fake import FakeTarget
 
@@ -142,3 +143,16 @@ async def test_targets_without_prepare_still_get_ready_prompts():
 
     got, _, _ = await run(Plain(ttft_s=0.001, itl_s=0.001), schedule(pb, [0.0, 0.0, 0.05]), prime=False)
     assert len(got) == 3 and seen == [True, True, True]
+
+
+def test_every_window_wait_wakes_in_time():
+    """The builder sleeps until the window reaches the next request; a timer firing a little early
+    (uvloop's fire up to 1 ms early, on the loop runs use) must not leave it asleep until the
+    dispatcher takes the next request (then the rest of that burst is late)."""
+    pb = PromptBuilder(0)
+    offsets = [0.1 * b for b in range(12) for _ in range(3)]  # 12 bursts of 3, 100 ms apart
+    target = PreparingTarget()
+    coro = run(target, schedule(pb, offsets), EngineOptions(look_ahead_s=0.05))
+    _, eng, t0 = run_in_uvloop(coro)
+    late = [i for i, t in enumerate(offsets) if target.prepared_at[i] > t0 + t]
+    assert not late and eng.state.prepared_late == 0, late

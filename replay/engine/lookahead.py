@@ -19,6 +19,7 @@ shifted silently.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -114,8 +115,8 @@ class LookAhead:
                 self._current = req
                 # Wait while the request is beyond the window or the held bytes are spent, unless
                 # nothing at all is ready (the dispatcher is waiting for this one).
-                while self._ready and (self._beyond_window(req) or self._bytes >= self._max_bytes):
-                    await self._wait_for_room(req)
+                while self._ready and (wait_s := self._wait_s(req)) is not None:
+                    await self._sleep(wait_s)
                     slice_end = perf() + SLICE_S
                 ids = req.prompt_token_ids
                 if isinstance(ids, TokenIds):
@@ -143,21 +144,25 @@ class LookAhead:
             _wake(self._wake_reader)
             _wake(self._primed)
 
-    def _beyond_window(self, req: Request) -> bool:
+    def _wait_s(self, req: Request) -> float | None:
+        """None: room for `req` now; else how long until the window reaches it (inf: until next()
+        frees bytes or the clock starts). One reading of the clock decides both whether to wait and
+        for how long: read twice, a timer that fired a little early (uvloop's can fire up to 1 ms
+        early) could find the window not reached, then reached when arming the next one, and the
+        builder would sleep with no timer until the dispatcher took the next request."""
+        if self._bytes >= self._max_bytes:
+            return math.inf
         if self._t0 is None:  # clock not started: the run's first window_s
-            return req.intended_s > self._window_s
-        return self._t0 + req.intended_s - self._window_s > time.perf_counter()
+            return math.inf if req.intended_s > self._window_s else None
+        wait = self._t0 + req.intended_s - self._window_s - time.perf_counter()
+        return wait if wait > 0 else None
 
-    async def _wait_for_room(self, req: Request) -> None:
-        """Sleep until the window reaches `req`, next() frees bytes, or the clock starts."""
+    async def _sleep(self, wait_s: float) -> None:
+        """Sleep `wait_s` (inf: no timer), or until next() frees bytes or the clock starts."""
         _wake(self._primed)
         loop = asyncio.get_running_loop()
         self._wake_builder = fut = loop.create_future()
-        timer = None
-        if self._t0 is not None:
-            at = self._t0 + req.intended_s - self._window_s
-            if at > time.perf_counter():
-                timer = loop.call_later(at - time.perf_counter(), _wake, fut)
+        timer = loop.call_later(wait_s, _wake, fut) if wait_s != math.inf else None
         try:
             await fut
         finally:
