@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import gc
 import os
 import queue
 import socket
@@ -33,6 +34,7 @@ import sys
 import threading
 import time
 import traceback
+from array import array
 from typing import Any
 
 from replay.targets import model_wire as w
@@ -55,7 +57,8 @@ class ModelServer:
         self.stopping = False
         # Admission (see the module docstring): our FIFO, and how many requests the manager holds.
         self.lock = threading.Lock()
-        self.backlog: collections.OrderedDict[int, tuple[list[int], int]] = collections.OrderedDict()
+        # Prompts wait as arrays: no Python int objects for the garbage collector to walk.
+        self.backlog: collections.OrderedDict[int, tuple[array[int], int]] = collections.OrderedDict()
         self.admitted: set[int] = set()
         self.admit_limit = 64
 
@@ -95,7 +98,7 @@ class ModelServer:
         while self.backlog and len(self.admitted) < self.admit_limit:
             rid, (ids, max_new) = self.backlog.popitem(last=False)
             accepted = m.add_request(
-                ids,
+                ids.tolist(),
                 request_id=str(rid),
                 max_new_tokens=max_new,
                 streaming=True,
@@ -236,7 +239,7 @@ class ModelServer:
         m = self.manager
         if kind == w.ADD:
             with self.lock:
-                self.backlog[msg[1]] = (msg[2], msg[3])
+                self.backlog[msg[1]] = (array("l", msg[2]), msg[3])
                 self._admit()
         elif kind == w.CANCEL:
             rid = msg[1]
@@ -299,6 +302,11 @@ class ModelServer:
             where = first[1].get("model_dir") if isinstance(first[1], dict) else "model"
             self.send([w.FATAL, f"{where}: cannot start the model: {type(exc).__name__}: {exc}"])
             return 1
+        # The model, torch's and transformers' objects live as long as the process: out of the
+        # collector's way. Measured in 30 s at 200 req/s (thousands waiting): full collections
+        # took 146-215 ms walking them (every stream stalled behind each), 0.1-0.8 ms frozen.
+        gc.collect()
+        gc.freeze()
         sender = threading.Thread(target=self._sender, name="replay-sender", daemon=True)
         sender.start()
         threading.Thread(target=self._watch, name="replay-watchdog", daemon=True).start()
