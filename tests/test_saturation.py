@@ -35,6 +35,9 @@ def test_a_server_that_keeps_up() -> None:
     assert v["backlog_growth_req_s"] == pytest.approx((5 - 4) / 50)
     [line] = headline(v)
     assert line.startswith("server kept up: offered 5.0 req/s, completed 5.0 req/s (best 10 s: 5.1 req/s)")
+    # A seeded draw of 280 arrivals in 60 s at a nominal 5 req/s: the headline says what arrived.
+    [line] = headline(t.verdict(5.0, 60.0, scheduled=280))
+    assert line.startswith("server kept up: offered 5.0 req/s (4.7 arrived in this draw), completed 5.0")
 
 
 def test_a_saturated_server_says_so_first() -> None:

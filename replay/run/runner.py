@@ -238,7 +238,9 @@ class _Run:
             error_examples=self.recorder.error_examples,
             extra={
                 "drift": self.drift.verdict(),
-                "saturation": self.saturation.verdict(offered_rate, self.cfg.duration_s, counts.unfinished),
+                "saturation": self.saturation.verdict(
+                    offered_rate, self.cfg.duration_s, counts.unfinished, scheduled=counts.scheduled
+                ),
                 "client": {"rss_peak_mb": round(self.rss_peak_mb, 1)},
                 "server": self.sidecar.summary(),
             },

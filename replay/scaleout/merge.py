@@ -288,7 +288,9 @@ def finish_run(
         extra={
             "workers": {**executor, "count": executor.get("count", len(results)), "each": entries},
             "drift": merger.drift.verdict() if merger else {"verdict": "too_short", "detail": "no intervals"},
-            "saturation": merger.saturation.verdict(offered_rate, cfg.duration_s, counts.unfinished)
+            "saturation": merger.saturation.verdict(
+                offered_rate, cfg.duration_s, counts.unfinished, scheduled=counts.scheduled
+            )
             if merger
             else None,
             "client": {"rss_peak_mb": round(merger.rss_peak_mb, 1) if merger else None},
