@@ -156,3 +156,18 @@ def test_every_window_wait_wakes_in_time():
     _, eng, t0 = run_in_uvloop(coro)
     late = [i for i, t in enumerate(offsets) if target.prepared_at[i] > t0 + t]
     assert not late and eng.state.prepared_late == 0, late
+
+
+async def test_nothing_is_built_before_its_window_even_when_nothing_is_ready():
+    """Built the moment the previous burst was taken, the next burst's first request would be made
+    while that burst's requests are being written."""
+    pb = PromptBuilder(0)
+    offsets = [0.3 * b for b in range(4) for _ in range(5)]  # 4 bursts of 5, 300 ms apart
+    target = PreparingTarget()
+    _, _, t0 = await run(target, schedule(pb, offsets), EngineOptions(look_ahead_s=0.1))
+    for i, t in enumerate(offsets):
+        assert target.prepared_at[i] >= t0 + t - 0.1 - 0.03, (
+            i,
+            target.prepared_at[i] - t0,
+        )  # 0.03: start lead
+        assert target.prepared_at[i] <= t0 + t

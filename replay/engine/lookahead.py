@@ -113,9 +113,10 @@ class LookAhead:
                 if req is None:
                     break
                 self._current = req
-                # Wait while the request is beyond the window or the held bytes are spent, unless
-                # nothing at all is ready (the dispatcher is waiting for this one).
-                while self._ready and (wait_s := self._wait_s(req)) is not None:
+                # Wait while the request is beyond the window or the held bytes are spent, even with
+                # nothing ready: built as soon as the last burst was taken, it would be built during
+                # that burst's sends (the dispatcher has until its time anyway).
+                while (wait_s := self._wait_s(req)) is not None:
                     await self._sleep(wait_s)
                     slice_end = perf() + SLICE_S
                 ids = req.prompt_token_ids
