@@ -19,6 +19,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+# Imported here, before any step runs: confidence.exact_interval needs it at a step's first look,
+# and a first import (~0.1 s) there would stall the event loop mid-step.
+import scipy.special  # noqa: F401
+
 from replay.capacity.confidence import combine, exact_interval
 from replay.capacity.options import CapacityOptions
 from replay.capacity.slo import STATS, goodput, read_requests
