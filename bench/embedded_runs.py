@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +31,8 @@ def uptime() -> str:
 
 
 def run(args: list[str], log: Path) -> tuple[int, float, str]:
+    out = Path(args[args.index("--out") + 1])
+    shutil.rmtree(out, ignore_errors=True)  # a reused run directory gets appended to, not replaced
     t0 = time.perf_counter()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     p = subprocess.run([*REPLAY, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=3600)
