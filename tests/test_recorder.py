@@ -95,7 +95,8 @@ def test_accounting_and_summary_shape():
     rec.add(bad)
     rec.add(RequestRecord(id=2, intended_s=0.2, status="not_sent", error="stopped"))
     rec.add(RequestRecord(id=3, intended_s=0.3, status="unfinished", sent_s=0.31))
-    rec.add(RequestRecord(id=4, intended_s=0.4, status="abandoned", sent_s=0.41, first_token_s=0.5, end_s=0.6))
+    rec.add(RequestRecord(id=4, intended_s=0.4, status="abandoned", sent_s=0.41, first_token_s=0.5,
+                          end_s=0.6))
     hists = rec.close()
     assert rec.counts.accounted()
     s = build_summary(
