@@ -48,6 +48,7 @@ def main() -> int:
     )
     ap.add_argument("--duration", default="60", help="as make stress's DURATION")
     ap.add_argument("--skip-capacity", action="store_true")
+    ap.add_argument("--append", action="store_true", help="add these runs to the existing results file")
     ap.add_argument("--work", type=Path, default=Path("runs") / "bench-embedded", help="relative to the repo")
     args = ap.parse_args()
     os.chdir(ROOT)  # run directories print as runs/..., as after `make stress`
@@ -123,6 +124,14 @@ def main() -> int:
         f"{os.cpu_count()} cores. uptime at start: `{started}`; at end: `{uptime()}`.",
         "",
     ]
+    if args.append and OUT.exists():
+        head = [
+            OUT.read_text().rstrip("\n"),
+            "",
+            f"Added by `bench/embedded_runs.py --append` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: "
+            f"uptime at start `{started}`, at end `{uptime()}`.",
+            "",
+        ]
     OUT.write_text("\n".join(head + sections) + "\n")
     print(f"wrote {OUT}")
     return 0
