@@ -39,16 +39,30 @@ STEP_OVERHEAD_S = 1.5  # run directory, drain, prefix-cache call
 def sim_step(
     rate: float, warmup: float, longest: float, index: int, rng: np.random.Generator
 ) -> dict[str, Any]:
-    """One step as the live watch judges it: looks at doubling lengths, the first decided one ends it."""
+    """One step as the live watch judges it: looks at doubling lengths (plus the one extra look a
+    bound beyond reach calls), the first decided one ends it."""
     total = warmup + longest
     arr = np.cumsum(rng.exponential(1 / rate, int(rate * total * 1.3) + 50))
     arr = arr[arr < total]
     ttft = waits(arr, K, SERVICE) + TTFT
     first_tok = arr + ttft
+    bound = SLO.bounds[0].value
     looks = look_times(warmup, max(5.0, longest / 8), longest)
     alpha = look_alpha(len(looks) + 1)
-    for at in looks:
-        last = at == looks[-1]
+    # The watch's beyond-reach rule, checked every 0.25 s: violations known by t (finished over the
+    # bound, or in flight past it) outnumber what the p99 allows of the most requests the step may see.
+    n_max = max(1, math.ceil(rate * longest * 1.25))
+    allowed = n_max - int(0.99 * n_max + 0.5)
+    counted = arr >= warmup
+    extra = None
+    for t in np.arange(warmup + 0.25, total, 0.25):
+        known = counted & (arr < t) & (np.minimum(first_tok, t) - arr > bound)
+        if int(np.count_nonzero(known)) > allowed:
+            extra = float(t)
+            break
+    plan = sorted([*looks[:-1], *([extra] if extra is not None and extra < looks[-1] else [])]) + looks[-1:]
+    for at in plan:
+        last = at == plan[-1]
         win = (arr >= warmup) & (arr < at)
         a, f = arr[win], first_tok[win]
         done = np.ones(len(a), bool) if last else f <= at
@@ -56,8 +70,11 @@ def sim_step(
         for ai, fi, di in zip(a.tolist(), f.tolist(), done.tolist(), strict=True):
             if di:
                 tally.add(fi, fi - ai)
-        late = int(np.count_nonzero(~done & (at - a > SLO.bounds[0].value)))
-        judged = tally.judge(warmup, at, alpha, late)
+        late = int(np.count_nonzero(~done & (at - a > bound)))
+        lat = (f - a)[done] + SERVICE - TTFT  # end - intended
+        judged = tally.judge(
+            warmup, at, alpha, late, max(1.0, 2 * float(np.median(lat))) if len(lat) else 1.0
+        )
         ended = np.where(done, f + SERVICE - TTFT, np.inf)
         sat = saturation_arrays(a, np.where(done, f - a, np.nan), ended, warmup, at, TTFT, alpha)
         verdict = combine([judged.verdict, sat.verdict_as_bound])

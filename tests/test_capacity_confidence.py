@@ -70,6 +70,13 @@ def test_independent_samples_have_no_inflation_and_bursts_do():
     j = burst.judge(0, 100, 0.025)
     # 2% violations; as independent samples the interval would exclude 1%, as 10 bursts it does not.
     assert j.estimate == pytest.approx(0.02) and j.verdict == "undecided" and j.low < 0.01 < j.high
+    # A stall: 30 streams in flight read their late tokens at one instant, five times over 100 s.
+    stalls = Tally(P99)
+    for i, ti in enumerate(t):
+        stalls.add(ti, 0.01)
+        if i % 800 == 0:
+            stalls.add(np.full(30, ti + 0.0001), np.full(30, 0.5))
+    assert stalls.k == 150 and 20 <= stalls.dispersion(0, 100) <= 35
 
 
 def _window(rate: float, seconds: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

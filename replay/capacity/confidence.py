@@ -10,14 +10,18 @@ Samples within a step are not independent: a queue that is long stays long for a
 violations come in bursts, and a binomial interval over requests is too narrow near saturation
 (on a 4-slot queue at its p99 limit the violations come in bursts of ~6; the binomial interval
 would be 2.4x too narrow). The step's effective sample size is n / D, where D, the variance
-inflation, is the largest of
-  - batch means: the variance of the sums of the (clipped) values over BATCHES sub-windows,
-    against what independent samples would give (sees slow drifts and correlated values);
-  - violation clusters: violations less than CLUSTER_GAP_S apart (at most a tenth of their mean
-    spacing, so that independent ones seldom merge) form one event, and a compound count of
-    events of sizes s has variance inflation sum(s^2) / sum(s); with few events it is
-    pulled towards the batch-means figure (PRIOR_EVENTS pseudo-events), so a step that has seen
-    no violation yet is not taken to be free of bursts.
+inflation, is the larger of
+  - batch means: the variance of the sums of the values (clipped to a band next to the bound,
+    where their swings are the ones that make or unmake violations) over sub-windows of at least
+    a second (and two typical request latencies), against what independent samples would give;
+    it sees queue episodes and slow drifts. Taken at its 90% upper confidence bound (chi-square
+    with batches - 1 degrees of freedom), since a short window has few batches and a step with
+    one burst in it must not read as a step with none;
+  - bursts at one instant: violations less than CLUSTER_GAP_S apart (one client or server stall
+    that delays every stream in flight, read back together) form one event, and a compound count
+    of events of sizes s has variance inflation sum(s^2) / sum(s), pulled towards the
+    batch-means figure with few events (PRIOR_EVENTS pseudo-events) and divided by what
+    independent violations at the same rate would show.
 On the effective counts (k/D, n/D) the interval for e is the exact (Clopper-Pearson) one. A step passes
 a bound when the interval's top is within a, fails it when its bottom is above a, and is
 undecided otherwise. tests/test_capacity_confidence.py checks the coverage against a simulated
@@ -43,10 +47,13 @@ import numpy as np
 from replay.capacity.slo import ERROR_RATE, STATS, Bound
 
 ALPHA = 0.05  # a step's verdict on a bound is wrong with at most this probability (half each way)
-CLUSTER_GAP_S = 1.0
-BATCHES = 16
+CLUSTER_GAP_S = 0.005  # violations this close are one burst: read together after one stall
 PRIOR_EVENTS = 3.0
 BIN_S = 0.25  # time resolution of the batch sums
+MIN_BATCH_S = 1.0
+MAX_BATCHES = 64
+D_CONFIDENCE = 0.9  # the batch-means inflation is taken at this upper confidence bound
+BAND = 0.5  # the batch means see values within this fraction of the bound (see Tally.clip)
 
 
 def z_score(alpha: float) -> float:
@@ -92,6 +99,13 @@ def allowed_fraction(b: Bound) -> float:
     if p is None:  # max (no sample may break it) or mean (judged on the mean, see Tally.judge)
         return 0.0
     return 1 - p / 100 if b.upper else p / 100
+
+
+def chi2_quantile(p: float, df: int) -> float:
+    """Lower p-quantile of chi-square with df degrees of freedom."""
+    from scipy.special import gammaincinv
+
+    return 2.0 * float(gammaincinv(df / 2.0, p))
 
 
 def samples_to_pass(b: Bound, alpha: float, dispersion: float = 1.5) -> int:
@@ -144,8 +158,10 @@ class Tally:
         self.bins: dict[int, list[float]] = {}  # time bin -> [count, sum, sum of squares] (clipped)
         self.total = 0.0  # of clipped values, for the batch means
         self.total_sq = 0.0
-        # Percentile bounds: values beyond the bound count the same however far beyond, so the
-        # batch means see them clipped (one huge outlier must not dominate the variance).
+        # Percentile bounds: the batch means see the values clipped to a band next to the bound:
+        # beyond it they count the same however far (one huge outlier must not dominate the
+        # variance), and far inside it their swings cannot make violations (a queue whose
+        # latencies wander at a tenth of the bound is no less sure of a p50 for it).
         self.clip = bound.metric != ERROR_RATE and bound.stat != "mean"
 
     def _violates(self, v: np.ndarray) -> np.ndarray:
@@ -166,8 +182,9 @@ class Tally:
         self.k += nbad
         b = self.bound
         c = v
-        if self.clip:
-            c = np.minimum(v, b.value) if b.upper else np.maximum(v, b.value)
+        if self.clip:  # only values near the bound (within BAND of it) vary; the rest sit at its edges
+            x = b.value
+            c = np.clip(v, (1 - BAND) * x, x) if b.upper else np.clip(v, x, (1 + BAND) * x)
         if np.ndim(t) == 0:
             if nbad:
                 self.events.append((float(t), nbad))
@@ -195,54 +212,65 @@ class Tally:
             cell[1] += s1
             cell[2] += s2
 
-    def batch_sums(self, start_s: float, end_s: float) -> tuple[np.ndarray, np.ndarray]:
-        """(counts, sums) of the clipped values over BATCHES equal sub-windows of [start_s, end_s)."""
-        n = np.zeros(BATCHES)
-        s = np.zeros(BATCHES)
+    def batch_sums(self, start_s: float, end_s: float, batches: int) -> tuple[np.ndarray, np.ndarray]:
+        """(counts, sums) of the clipped values over `batches` equal sub-windows of [start_s, end_s)."""
+        n = np.zeros(batches)
+        s = np.zeros(batches)
         span = max(end_s - start_s, 1e-9)
         for key, (cnt, tot, _) in self.bins.items():
-            j = min(BATCHES - 1, max(0, int(((key + 0.5) * BIN_S - start_s) / span * BATCHES)))
+            j = min(batches - 1, max(0, int(((key + 0.5) * BIN_S - start_s) / span * batches)))
             n[j] += cnt
             s[j] += tot
         return n, s
 
-    def batch_dispersion(self, start_s: float, end_s: float) -> float:
-        if self.n < 2 * BATCHES:
+    def batch_dispersion(self, start_s: float, end_s: float, min_batch_s: float = MIN_BATCH_S) -> float:
+        """Batch-means variance inflation at its upper confidence bound (1 with too few samples)."""
+        m = int(min(MAX_BATCHES, max(2, (end_s - start_s) // max(MIN_BATCH_S, min_batch_s))))
+        if self.n < 2 * m:
             return 1.0
         mean = self.total / self.n
         var = self.total_sq / self.n - mean * mean
         if var <= 1e-18 * max(1.0, mean * mean):
             return 1.0
-        n, s = self.batch_sums(start_s, end_s)
-        return max(1.0, float(((s - n * mean) ** 2).sum() / (BATCHES - 1) / (self.n / BATCHES * var)))
+        n, s = self.batch_sums(start_s, end_s, m)
+        d_hat = float(((s - n * mean) ** 2).sum() / (m - 1) / (self.n / m * var))
+        return max(1.0, d_hat * (m - 1) / chi2_quantile(1 - D_CONFIDENCE, m - 1))
 
-    def dispersion(self, start_s: float, end_s: float) -> float:
-        d_batch = self.batch_dispersion(start_s, end_s)
-        # At most a tenth of the mean spacing of violations: independent ones seldom merge.
-        gap = min(CLUSTER_GAP_S, 0.1 * (end_s - start_s) / max(1, len(self.events)))
-        sizes = cluster_sizes(self.events, gap)
+    def dispersion(self, start_s: float, end_s: float, min_batch_s: float = MIN_BATCH_S) -> float:
+        d_batch = self.batch_dispersion(start_s, end_s, min_batch_s)
+        sizes = cluster_sizes(self.events, CLUSTER_GAP_S)
         s1, s2 = sum(sizes), sum(x * x for x in sizes)
-        return max(1.0, d_batch, (s2 + d_batch * PRIOR_EVENTS) / (s1 + PRIOR_EVENTS))
+        d_burst = (s2 + d_batch * PRIOR_EVENTS) / (s1 + PRIOR_EVENTS)
+        # Independent violations at rate r also fall within the gap of one another now and then:
+        # runs of them have inflation (1 + q) / (1 - q), q = 1 - exp(-r gap); only bursts beyond that count.
+        q = 1 - math.exp(-len(self.events) / max(end_s - start_s, 1e-9) * CLUSTER_GAP_S)
+        return max(1.0, d_batch, d_burst * (1 - q) / (1 + q))
 
-    def judge(self, start_s: float, end_s: float, alpha: float, late: int = 0) -> Judgement:
+    def judge(
+        self, start_s: float, end_s: float, alpha: float, late: int = 0, min_batch_s: float = MIN_BATCH_S
+    ) -> Judgement:
         """Verdict on [start_s, end_s) with one-sided error `alpha` each way; `late`: samples not
-        yet finished that already violate the bound (counted as violations)."""
+        yet finished that already violate the bound (counted as violations); `min_batch_s`: the
+        shortest batch for the batch means (at least the queue's memory: a few latencies)."""
         b = self.bound
-        d = self.dispersion(start_s, end_s)
+        d = self.dispersion(start_s, end_s, min_batch_s)
         n, k = self.n + late, self.k + late
         if n == 0:
             return Judgement(b.text, "undecided", 0, 0, self.allowed, d, None, None, None)
         if b.stat == "max":  # no interval for a maximum: any violation fails it, none passes it
             return Judgement(b.text, "fail" if k else "pass", n, k, 0.0, d, k / n, None, None)
         if b.stat == "mean":
-            return self._judge_mean(start_s, end_s, alpha, d)
+            return self._judge_mean(start_s, end_s, alpha, d, min_batch_s)
         lo, hi = exact_interval(k / d, n / d, alpha)
         verdict = "pass" if hi <= self.allowed else "fail" if lo > self.allowed else "undecided"
         return Judgement(b.text, verdict, n, k, self.allowed, round(d, 3), k / n, lo, hi)
 
-    def _judge_mean(self, start_s: float, end_s: float, alpha: float, d: float) -> Judgement:
+    def _judge_mean(
+        self, start_s: float, end_s: float, alpha: float, d: float, min_batch_s: float
+    ) -> Judgement:
         """A mean bound: batch means t-interval (values are not clipped for the mean itself)."""
-        n, s = self.batch_sums(start_s, end_s)
+        m = int(min(MAX_BATCHES, max(2, (end_s - start_s) // max(MIN_BATCH_S, min_batch_s))))
+        n, s = self.batch_sums(start_s, end_s, m)
         keep = n > 0
         if keep.sum() < 3:
             return Judgement(self.bound.text, "undecided", self.n, self.k, 0.0, d, None, None, None)

@@ -131,7 +131,7 @@ class StepRunner:
         if watch.decision is not None:  # decided at a look: that look's verdict, on its window
             verdict, judged, sat = watch.decision
         else:  # ran to its end (or stopped by overload): judged on everything, saturation exactly
-            judged = [t.judge(w0, end, watch.alpha) for t in watch.tallies]
+            judged = [t.judge(w0, end, watch.alpha, 0, watch.min_batch_s()) for t in watch.tallies]
             sat = saturation(lines, w0, end, self.baseline_ttft_s, watch.alpha)
             verdict = combine([p.verdict for p in judged] + [sat.verdict_as_bound])
         parts = [p.to_json() for p in judged]

@@ -185,6 +185,13 @@ class StepWatch:
         verdict = combine([p.verdict for p in parts] + [sat.verdict_as_bound])
         return verdict, parts, sat
 
+    def min_batch_s(self) -> float:
+        """Batches for the batch means: at least a second and two median request latencies (a
+        request's own time is the shortest memory a queue of them has)."""
+        lat = np.array(self.ended) - np.array(self.intended)
+        lat = lat[np.isfinite(lat)]
+        return max(1.0, 2 * float(np.median(lat))) if len(lat) else 1.0
+
     def _late(self, b: Bound, now: float) -> int:
         """In-flight requests whose age already breaks upper bound b (they can only end over it)."""
         if not b.upper or b.metric not in _DECIDABLE:
