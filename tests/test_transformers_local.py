@@ -39,9 +39,10 @@ def model_dir() -> Path:
 
 
 @pytest.fixture
-async def target(model_dir: Path) -> AsyncIterator[TransformersLocalTarget]:
+async def target(model_dir: Path, tmp_path: Path) -> AsyncIterator[TransformersLocalTarget]:
     t = TransformersLocalTarget(
-        TransformersTargetConfig(model_dir=str(model_dir), warmup_requests=2, kv_cache_gib=0.125)
+        TransformersTargetConfig(model_dir=str(model_dir), warmup_requests=2, kv_cache_gib=0.125),
+        log_path=tmp_path / "model.log",
     )
     await t.start()
     try:
@@ -373,7 +374,8 @@ async def test_killed_model_process_ends_the_run_cleanly(model_dir: Path, tmp_pa
     """SIGKILL mid-run through the runner: the run ends on schedule (not after the 60 s drain), every
     request is counted, the failures by kind, and no process is left behind."""
     t = TransformersLocalTarget(
-        TransformersTargetConfig(model_dir=str(model_dir), warmup_requests=1, kv_cache_gib=0.125)
+        TransformersTargetConfig(model_dir=str(model_dir), warmup_requests=1, kv_cache_gib=0.125),
+        log_path=tmp_path / "model.log",
     )
     killed: list[int] = []
 
@@ -404,7 +406,8 @@ async def test_overloaded_run_counts_unfinished_apart(model_dir: Path, tmp_path:
     from replay.stats.summary import console_table
 
     t = TransformersLocalTarget(
-        TransformersTargetConfig(model_dir=str(model_dir), warmup_requests=1, kv_cache_gib=0.125)
+        TransformersTargetConfig(model_dir=str(model_dir), warmup_requests=1, kv_cache_gib=0.125),
+        log_path=tmp_path / "model.log",
     )
     s = await _run_schedule(t, tmp_path, rate=60.0, duration=4.0, drain_s=1.0)
     c, v = s["counts"], s["saturation"]
