@@ -72,7 +72,8 @@ class Stalls:
         """Count `rec` (run-relative times) if it was in flight during any stall."""
         if rec.sent_s is None:
             return
-        end = rec.end_s if rec.end_s is not None else rec.sent_s
+        # No end: still in flight when the run gave up on it (unfinished), so in flight until now.
+        end = rec.end_s if rec.end_s is not None else float("inf")
         item = [rec.id, rec.sent_s, end, False]
         # Windows are appended in time order: the first one ending after the send, if it starts
         # before the request ended, overlaps it.
