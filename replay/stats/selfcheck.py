@@ -82,7 +82,8 @@ class Stalls:
             self._count(item)
         recent = self._recent
         recent.append(item)
-        while recent and recent[0][2] < end - self.RECENT_S:
+        horizon = end if rec.end_s is not None else rec.sent_s
+        while recent and recent[0][2] < horizon - self.RECENT_S:
             recent.popleft()
 
     def _count(self, item: list[Any]) -> None:
