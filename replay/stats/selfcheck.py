@@ -33,7 +33,10 @@ MAX_TOUCHED_IDS = 20
 class Bounds:
     dispatch_lag_p99_ms: float = 5.0
     loop_lag_p99_ms: float = 10.0
-    stall_ms: float = 5.0  # one loop-lag sample above this is a stall, and fails the check
+    stall_ms: float = 5.0  # one loop-lag sample above this is a stall: counted, its requests named
+    # A stall above this fails the check. Measured: an idle 2-core machine running the stub beside
+    # the client shows 5-8 ms scheduler stalls now and then; what bent figures was 35-400 ms.
+    stall_fail_ms: float = 15.0
 
 
 class Stalls:
@@ -161,8 +164,8 @@ def verdict(dispatch_lag: HdrHistogram, loop_lag: HdrHistogram, bounds: Bounds) 
             reasons.append(f"{label} p99 {p99:.1f} ms exceeds {bound:g} ms")
     if loop_lag.get_total_count():
         worst = loop_lag.get_max_value() / 1000.0
-        if worst > bounds.stall_ms:
-            reasons.append(f"event-loop stall of {worst:.1f} ms (max) exceeds {bounds.stall_ms:g} ms")
+        if worst > bounds.stall_fail_ms:
+            reasons.append(f"event-loop stall of {worst:.1f} ms (max) exceeds {bounds.stall_fail_ms:g} ms")
     return (not reasons, reasons)
 
 
