@@ -47,7 +47,8 @@ from replay.core.target import Target
 from replay.run.config import RunConfig
 from replay.run.runner import execute, versions
 from replay.schedule import synthetic as schedule
-from replay.schedule.prompts import DEFAULT_HIGH_ID, DEFAULT_LOW_ID, PromptBuilder
+from replay.schedule.prompts import PromptBuilder
+from replay.schedule.vocab import id_range
 
 SCHEMA = 2
 CLIENT_BEHIND = "the client could not keep up"
@@ -77,8 +78,9 @@ class CapacitySearch:
         self.result: dict[str, Any] = {}
         self.client_behind: float | None = None  # the rate at which the client fell behind for good
         self.short: list[str] = []  # steps too short to ever pass
-        vocab = getattr(target, "vocab_size", None)
-        self.high_id = min(vocab, DEFAULT_HIGH_ID) if vocab else DEFAULT_HIGH_ID
+        # The user's --vocab-size first, else what a target that knows its model says.
+        vocab = opts.vocab_size or getattr(target, "vocab_size", None)
+        self.low_id, self.high_id = id_range(vocab)
         self.runner = StepRunner(target, opts, out_dir, self._cfg, self._schedule)
 
     # --- runs ------------------------------------------------------------------------------------
@@ -89,7 +91,7 @@ class CapacitySearch:
             offsets,
             input_tokens=o.input_tokens,
             output_tokens=o.output_tokens,
-            prompts=PromptBuilder(seed, DEFAULT_LOW_ID, self.high_id),  # fresh prompts: no cache reuse
+            prompts=PromptBuilder(seed, self.low_id, self.high_id),  # fresh prompts: no cache reuse
             duration_s=duration_s,
             max_requests=None,
         )
