@@ -52,6 +52,7 @@ MDK = {"k": 4, "ttft_ms": 20.0, "itl_ms": 5.0, "tokens": 16}  # 20 + 15 x 5 = 95
 MDK_SERVICE_S = (MDK["ttft_ms"] + (MDK["tokens"] - 1) * MDK["itl_ms"]) / 1000
 VLLM_SLO = "ttft_p99<=500ms,itl_p99<=50ms"  # the Makefile's default SLO for `make capacity`
 RESULTS = ROOT / "bench" / "results-capacity.json"
+IGNORED = [False]
 
 
 def stub_opts(seed: int) -> CapacityOptions:
@@ -70,9 +71,25 @@ def _stub_args(c: dict[str, Any]) -> list[str]:
     return ["--max-concurrency", str(c["k"]), "--ttft-ms", str(c["ttft_ms"]), "--itl-ms", str(c["itl_ms"])]
 
 
+def ignore_client_check() -> None:
+    """Diagnosis only, on a machine too busy for the client's self-check (5 ms stalls): judge the
+    steps anyway. Rows made so are marked; they show the pipeline, never a result to hand on."""
+    import replay.capacity.step as step
+
+    analyse = step.StepRunner._analyse
+
+    def judged(self: Any, run_dir: Path, rate: float, seed: int, phase: str, index: int, watch: Any,
+               summary: dict[str, Any], duration: float) -> dict[str, Any]:  # fmt: skip
+        summary = dict(summary, selfcheck=dict(summary["selfcheck"], trustworthy=True))
+        return analyse(self, run_dir, rate, seed, phase, index, watch, summary, duration)
+
+    step.StepRunner._analyse = judged  # type: ignore[method-assign]
+
+
 def _row(kind: str, seed: int, doc: dict[str, Any], wall: float, truth: float | None) -> dict[str, Any]:
     r = doc["result"]
     return {
+        "client_check_ignored": IGNORED[0],
         "kind": kind,
         "seed": seed,
         "wall_s": round(wall, 1),
@@ -151,7 +168,8 @@ def _kind_table(rows: list[dict[str, Any]], tol: float | None) -> list[str]:
         )
         by = r["steps_by_verdict"] or {}
         counts = "/".join(str(by.get(v, 0)) for v in ("pass", "fail", "undecided", "untrusted"))
-        out.append(f"| {r['seed']} | {_f(a)} | {_ci(r['interval_req_s'])} | {_f(t)} | {err} | {holds} | {counts} "
+        mark = " (client check ignored)" if r.get("client_check_ignored") else ""
+        out.append(f"| {r['seed']}{mark} | {_f(a)} | {_ci(r['interval_req_s'])} | {_f(t)} | {err} | {holds} | {counts} "
                    f"| {r['wall_s']} | {r['stop_reason'][:60]} |")  # fmt: skip
     if tol is not None and rows:
         ok = sum(
@@ -182,17 +200,25 @@ def _vllm_verdict(rows: list[dict[str, Any]]) -> list[str]:
 def report(data: dict[str, Any]) -> str:
     lines = ["# Capacity searches, repeated", "", f"Written by `bench/capacity_search.py` ({os.cpu_count()} cores); "
              "each kind's rows are from the run noted under it.", ""]  # fmt: skip
-    if "stub" in data:
-        d = data["stub"]
-        lines += ["## Known-capacity stub (D/D/8, answer exactly 33.33 req/s)", "", d["note"], ""]
-        lines += _kind_table(d["rows"], 0.02)
-    if "mdk" in data:
-        d = data["mdk"]
-        tr = d["truth"]
-        lines += ["", "## 4-slot stub, deterministic 95 ms service, Poisson arrivals, ttft_p99<=100ms", "",
-                  f"Truth by simulating the M/D/4 queue: {tr['truth_req_s']} req/s (four runs: {tr['runs']}; "
-                  f"{tr['with_1ms_client_overhead']} req/s if the client adds 1 ms to each TTFT).", "", d["note"], ""]  # fmt: skip
-        lines += _kind_table(d["rows"], 0.05)
+    ignored = (" — DIAGNOSIS ONLY: steps judged although the client's self-check failed (a busy machine); "
+               "not a result")  # fmt: skip
+    for key in ("stub", "stub-ignored"):
+        if key in data:
+            d = data[key]
+            head = "## Known-capacity stub (D/D/8, answer exactly 33.33 req/s)" + (
+                ignored if "ignored" in key else ""
+            )
+            lines += ["", head, "", d["note"], ""] + _kind_table(d["rows"], 0.02)
+    for key in ("mdk", "mdk-ignored"):
+        if key in data:
+            d = data[key]
+            tr = d["truth"]
+            head = "## 4-slot stub, deterministic 95 ms service, Poisson arrivals, ttft_p99<=100ms"
+            lines += ["", head + (ignored if "ignored" in key else ""), "",
+                      f"Truth by simulating the M/D/4 queue: {tr['truth_req_s']} req/s (four runs: {tr['runs']}; "
+                      f"{tr['with_1ms_client_overhead']} req/s if the client adds 1 ms to each TTFT).", "",
+                      d["note"], ""]  # fmt: skip
+            lines += _kind_table(d["rows"], 0.05)
     if "sim" in data:
         s = data["sim"]["calibration"]
         q = s["error_pct_quantiles"]
@@ -201,14 +227,14 @@ def report(data: dict[str, Any]) -> str:
                   f"in {s['within_5pct']:.0%} (so 3 of 3 in about {s['three_of_three_expected']:.0%} of trials); "
                   f"the 95% interval holds the truth in {s['interval_holds_truth']:.0%}; median interval width "
                   f"{s['interval_width_pct_median']}% of the truth; error percentiles 5/25/50/75/95: "
-                  f"{q[5]}/{q[25]}/{q[50]}/{q[75]}/{q[95]}%.", "", data["sim"]["note"]]  # fmt: skip
+                  f"{q['5']}/{q['25']}/{q['50']}/{q['75']}/{q['95']}%.", "", data["sim"]["note"]]  # fmt: skip
     if "vllm" in data:
         d = data["vllm"]
         lines += ["", f"## vLLM-CPU, `make capacity TARGET=vllm` (SLO `{VLLM_SLO}`, the CLI's defaults)", "",
                   d["note"], ""]  # fmt: skip
         lines += _kind_table(d["rows"], None) + _vllm_verdict(d["rows"])
     lines += ["", "Steps per search (rate req/s: verdict, measured seconds):", ""]
-    for kind in ("stub", "mdk", "vllm"):
+    for kind in ("stub", "stub-ignored", "mdk", "mdk-ignored", "vllm"):
         for r in data.get(kind, {}).get("rows", []):
             steps = ", ".join(f"{s[0]:.4g}: {s[1]} {s[2]:.0f}s" for s in r["steps"])
             lines.append(f"- {kind} seed {r['seed']}: {steps}")
@@ -217,17 +243,24 @@ def report(data: dict[str, Any]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--targets", default="stub,mdk,sim", help="comma-separated: stub, mdk, sim, vllm")
+    ap.add_argument(
+        "--targets", default="stub,mdk,sim", help="comma-separated: stub, mdk, sim, vllm (none: re-render)"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sim-searches", type=int, default=200)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results-capacity.md")
+    ap.add_argument("--ignore-client-check", action="store_true",
+                    help="diagnosis on a busy machine: judge steps whose client fell behind (rows marked)")  # fmt: skip
     a = ap.parse_args()
+    if a.ignore_client_check:
+        ignore_client_check()
+        IGNORED[0] = True
     data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
     if isinstance(data, list):  # the previous bench's format
         data = {}
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with tempfile.TemporaryDirectory(prefix="capacity-bench-") as tmp:
-        for kind in a.targets.split(","):
+        for kind in [k for k in a.targets.split(",") if k and k != "none"]:
             load0 = os.getloadavg()[0]
             if kind == "sim":
                 truth = mdk_truth()
@@ -247,7 +280,7 @@ def main() -> int:
                 print(json.dumps({k: v for k, v in row.items() if k != "steps"}), flush=True)
             entry.update(rows=rows, note=f"Run {stamp}, load average {load0:.2f} before, "
                                          f"{os.getloadavg()[0]:.2f} after.")  # fmt: skip
-            data[kind] = entry
+            data[kind + ("-ignored" if IGNORED[0] else "")] = entry
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
     a.out.write_text(report(data))
     print(f"wrote {a.out}")
