@@ -30,7 +30,8 @@ from replay.stub.server import StubProcess
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {k: v for k, v in os.environ.items() if k != "NO_COLOR"} | {"PYTHONPATH": str(ROOT)}
 REPLAY = [sys.executable, "-m", "replay"]
-COLOUR = {"PASS": "green", "FAIL": "red", "UNDECIDED": "yellow", "UNTRUSTED": "magenta"}
+# pyte names SGR 33 (yellow) "brown", after the VT100 palette
+COLOUR = {"PASS": "green", "FAIL": "red", "UNDECIDED": "brown", "UNTRUSTED": "magenta"}
 NUM = r"([\d,.]+|-)"
 INTERVAL_RE = re.compile(
     rf"last interval {NUM}-{NUM} s: TTFT p50/p99 {NUM}/{NUM} ms, ITL p50/p99 {NUM}/{NUM} ms"
