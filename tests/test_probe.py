@@ -10,10 +10,13 @@ import numpy as np
 from stub_truth import SHIFT_Q, IdTarget, pair, pct, reset, served_by_id, truth
 
 from replay.core.request import PROBE
+from replay.report.html import render
+from replay.report.markdown import _f
 from replay.run.config import RunConfig
 from replay.run.runner import execute, run_in_uvloop
 from replay.scaleout.shard import SyntheticSchedule
 from replay.schedule.probe import PROBE_ID_BASE, PROBE_INPUT_TOKENS, PROBE_OUTPUT_TOKENS, WithProbe
+from replay.stats.summary import console_table
 from replay.stub.server import StubProcess
 from replay.targets.openai_http import HTTPTargetConfig
 
@@ -93,3 +96,56 @@ def test_probe_ttft_is_reported_apart_and_rises_when_the_load_saturates_the_serv
         assert any(r.get("probe_ttft_p99_ms") is not None for r in rows_ts)
     # Saturation shows in the quiet user's TTFT: the queue's wait (seconds) against a few service times.
     assert p99["heavy"] > 5 * p99["light"] and p99["heavy"] > 1000.0, p99
+
+
+# Stub with no queue: the stub keys service time on max_tokens, so the load (120 out: served E2E
+# 20 + 119 x 5 = 615 ms) and the probe (16 out: 95 ms) cannot be mistaken for one another. One main
+# request counted into the probe's figures would put the probe's E2E max past 600 ms.
+STUB_APART = ["--ttft-ms", "20", "--itl-ms", "5", "--vllm", "--continuous-usage"]
+
+
+def test_probe_figures_come_from_probe_requests_only_and_reach_the_reports(tmp_path):
+    cfg = RunConfig(target="stub", rate=20.0, duration_s=4.0, output_tokens=120, probe_rate=5.0, seed=3,
+                    interval_s=1.0, quiet=True, drain_timeout_s=30.0)  # fmt: skip
+    schedule = WithProbe(SyntheticSchedule.from_config(cfg), cfg.probe_rate, cfg.seed)()
+    with StubProcess(STUB_APART) as stub:
+        target = IdTarget(HTTPTargetConfig(base_url=stub.base_url))
+        res = run_in_uvloop(execute(cfg, target, schedule, tmp_path / "run", cfg.rate))
+        doc = truth(stub.base_url)
+    s = res.summary
+    rows = [json.loads(x) for x in (tmp_path / "run" / "requests.jsonl").read_text().splitlines()]
+    served = served_by_id(doc)
+    probe_ids = {r["id"] for r in rows if r.get("class") == PROBE}
+    main_ids = {r["id"] for r in rows if "class" not in r}
+    assert len(probe_ids) >= 8 and s["counts"]["ok"] == len(rows) == doc["served"]
+    # The stub's own served E2E (received -> last byte written), by class: the two never overlap.
+    srv_e2e = {i: (served[i].t_end - served[i].t_recv) * 1e3 for i in served}
+    probe_srv = np.array([srv_e2e[i] for i in probe_ids])
+    main_srv = np.array([srv_e2e[i] for i in main_ids])
+    assert probe_srv.max() < 200.0 < 600.0 < main_srv.min(), (probe_srv.max(), main_srv.min())
+    pm, m = s["probe"]["metrics"], s["metrics"]
+    assert pm["e2e"]["count"] == pm["ttft"]["count"] == len(probe_ids)
+    assert m["e2e"]["count"] == m["ttft"]["count"] == len(main_ids)
+    assert pm["itl"]["count"] == len(probe_ids) * (PROBE_OUTPUT_TOKENS - 1)
+    assert m["itl"]["count"] == len(main_ids) * (120 - 1)
+    # No main request in the probe's E2E (max under 600 ms), no probe in the load's (p1 over 600).
+    assert pm["e2e"]["max"] < 300.0, pm["e2e"]
+    assert m["e2e"]["p50"] > 600.0, m["e2e"]
+    # The probe's figures are the stub's served figures for the probe ids plus transit: the
+    # client's E2E for a request is its served E2E plus send and read transit (>= 0, a few ms
+    # under contention); HDR buckets add <= 1%.
+    p = pair([r for r in rows if r["id"] in probe_ids], served)
+    assert pct(p.e2e_err_ms, SHIFT_Q) < 1.0 and p.e2e_err_ms.min() > -1e-3
+    for q, key in ((50, "p50"), (99, "p99")):
+        client = pct((p.end - p.sent) * 1e3, q)
+        assert abs(pm["e2e"][key] - client) <= 0.01 * client + np.diff(np.sort((p.end - p.sent) * 1e3)).max()
+    # The reports put the probe's TTFT and E2E beside the load's, with the summary's figures.
+    html, md = render(tmp_path / "run")
+    text = md.read_text()
+    line = next(ln for ln in text.splitlines() if ln.startswith("| probe TTFT p50 / p99 |"))
+    assert f"{_f(pm['ttft']['p50'])} / {_f(pm['ttft']['p99'])} ms" in line
+    assert f"(load: {_f(m['ttft']['p50'])} / {_f(m['ttft']['p99'])} ms)" in line
+    assert "| probe E2E p50 / p99 |" in text
+    page = html.read_text()
+    assert "probe TTFT p50 / p99" in page and "probe TTFT p99" in page  # key row and time-series line
+    assert "probe ttft" in console_table(s)

@@ -246,6 +246,11 @@ def run_key_rows(summary: dict[str, Any]) -> list[list[str]]:
             "requests",
             f"{c['scheduled']} scheduled, {c['ok']} ok, {sum(c['errors'].values())} errors, "
             + (f"{c['unfinished']} unfinished, " if c.get("unfinished") else "")
+            + (
+                f"{c['abandoned']} abandoned by the client ({c.get('abandoned_mid_stream', 0)} mid-stream), "
+                if c.get("abandoned")
+                else ""
+            )
             + f"{sum(c['not_sent'].values())} not sent",
         ],  # fmt: skip
         [
@@ -253,11 +258,52 @@ def run_key_rows(summary: dict[str, Any]) -> list[list[str]]:
             f"{_f(t['req_s'])} req/s, {_f(t['output_tok_s'])} output tok/s over {_f(t['span_s'])} s",
         ],
         ["TTFT p50 / p99", f"{_f(m['ttft']['p50'])} / {_f(m['ttft']['p99'])} ms"],
+        *_probe_rows(summary.get("probe"), m),
         ["TTFT from intended p99", f"{_f(m['ttft_intended']['p99'])} ms"],
         ["ITL p50 / p99", f"{_f(m['itl']['p50'])} / {_f(m['itl']['p99'])} ms"],
         ["E2E p50 / p99", f"{_f(m['e2e']['p50'])} / {_f(m['e2e']['p99'])} ms"],
+        *_prompt_rows(summary),
         ["generator trustworthy", _f(summary["selfcheck"]["trustworthy"])],
     ]
+
+
+def _probe_rows(probe: dict[str, Any] | None, m: dict[str, Any]) -> list[list[str]]:
+    """The quiet user's view (--probe-rate) right under the load's TTFT, each figure beside the
+    load's: what the load does to a small request is read off one pair of lines."""
+    if not probe:
+        return []
+    pm = probe["metrics"]
+    return [
+        [
+            "probe TTFT p50 / p99",
+            f"{_f(pm['ttft']['p50'])} / {_f(pm['ttft']['p99'])} ms (load: {_f(m['ttft']['p50'])} / "
+            f"{_f(m['ttft']['p99'])} ms)",
+        ],
+        [
+            "probe E2E p50 / p99",
+            f"{_f(pm['e2e']['p50'])} / {_f(pm['e2e']['p99'])} ms (load: {_f(m['e2e']['p50'])} / "
+            f"{_f(m['e2e']['p99'])} ms)",
+        ],
+        [
+            "probe requests",
+            f"{probe['ok']} of {probe['scheduled']} ok at {_f(probe.get('rate_req_s'))} req/s "
+            "(in the counts above; latencies apart from the load's)",
+        ],
+    ]
+
+
+def _prompt_rows(summary: dict[str, Any]) -> list[list[str]]:
+    """How prompts were sent and whether the server counted the length asked for."""
+    ple = summary.get("prompt_length_error") or {}
+    fmt = (summary.get("config") or {}).get("prompt_format")
+    if not ple.get("compared") and not fmt:
+        return []
+    err = (
+        f"{ple['mismatched']} of {ple['compared']} differ (max {ple['max_abs_tokens']} tokens)"
+        if ple.get("compared")
+        else "not reported by the server"
+    )
+    return [["prompts", f"{fmt or 'ids'}; length error (server - intended): {err}"]]
 
 
 def run_md(summary: dict[str, Any]) -> str:

@@ -100,6 +100,11 @@ def timeseries_charts(run_dir: Path, what: str, fig: str) -> list[str]:
             F.Series("TTFT p50", t, [r.get("ttft_p50_ms") for r in rows]),
             F.Series("TTFT p99", t, [r.get("ttft_p99_ms") for r in rows]),
             F.Series("ITL p99", t, [r.get("itl_p99_ms") for r in rows], dash="dash"),
+            *(  # the probe stream's (--probe-rate) beside the load's
+                [F.Series("probe TTFT p99", t, [r.get("probe_ttft_p99_ms") for r in rows], dash="dot")]
+                if any(r.get("probe_ttft_p99_ms") is not None for r in rows)
+                else []
+            ),
         ],
         x_unit="s",
         y_unit="ms",
