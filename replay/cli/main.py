@@ -12,6 +12,7 @@ from typing import Any
 
 from replay.cli.capacity import add_capacity_subparsers
 from replay.cli.capture import add_record_subparser
+from replay.cli.prompt_args import add_prompt_args, with_prompt_format
 from replay.cli.trace import add_trace_subparser
 from replay.cli.vocab_args import add_vocab_args
 from replay.core.errors import ReplayError
@@ -62,6 +63,19 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="a probe stream beside the load: R requests/s (Poisson) of 32 in / 16 out, reported apart",
     )  # fmt: skip
     add_vocab_args(p)
+    add_prompt_args(p)
+    c = p.add_argument_group("conversations (--rate is then new sessions/s; --input-tokens the first turn's)")
+    c.add_argument(
+        "--turns", type=int, default=None,
+        help="K turns a session; turn k+1 re-sends turn k's prompt + output + new user tokens "
+        "(token ids: a prefix the server can cache)",
+    )  # fmt: skip
+    c.add_argument("--sessions", type=int, default=None, help="stop after N sessions have started")
+    c.add_argument(
+        "--think-time", default="exp:2", metavar="DIST",
+        help="seconds from a turn's end to the next turn's send: exp:MEAN, uniform:LO-HI, SECONDS",
+    )  # fmt: skip
+    c.add_argument("--follow-up-tokens", type=int, default=32, help="new user tokens each later turn adds")
     t = p.add_argument_group("recorded trace (arrival times and lengths come from the trace)")
     t.add_argument(
         "--trace", type=Path, default=None, help="trace file: Azure, BurstGPT, Mooncake, ..., ours"
@@ -97,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(ns: argparse.Namespace) -> RunConfig:
     duration = ns.duration
-    if duration is None and ns.requests is None and ns.trace is None:
+    if duration is None and ns.requests is None and ns.trace is None and ns.sessions is None:
         duration = 60.0
     return RunConfig(
         target=ns.target,
@@ -131,6 +145,11 @@ def _config(ns: argparse.Namespace) -> RunConfig:
         tokenizer=ns.tokenizer,
         abandon=ns.abandon,
         probe_rate=ns.probe_rate,
+        prompt_format=ns.prompt_format,
+        turns=ns.turns,
+        think_time=ns.think_time,
+        follow_up_tokens=ns.follow_up_tokens,
+        sessions=ns.sessions,
     )
 
 
@@ -143,6 +162,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
     from replay.run.plan import TraceSchedule
     from replay.run.runner import execute, run_in_uvloop
     from replay.scaleout.shard import SyntheticSchedule
+    from replay.schedule.sessions import chain_hooks
     from replay.schedule.vocab import resolve as resolve_vocab
     from replay.targets.registry import load_target
 
@@ -160,6 +180,10 @@ def cmd_run(ns: argparse.Namespace) -> int:
     if cfg.trace is not None:
         recipe = TraceSchedule.from_config(cfg, vocab)
         offered = recipe.offered_rate()
+    elif cfg.turns is not None:
+        from replay.run.plan import session_schedule
+
+        recipe, offered = session_schedule(cfg, vocab)
     else:
         recipe = SyntheticSchedule.from_config(cfg, vocab)
         offered = arrivals.mean_rate(cfg.arrival_spec(), cfg.duration_s) if cfg.duration_s else cfg.rate
@@ -174,6 +198,7 @@ def cmd_run(ns: argparse.Namespace) -> int:
         from replay.schedule.vocab import id_range
 
         recipe = WithProbe(recipe, cfg.probe_rate, cfg.seed, *id_range(vocab))
+    recipe = with_prompt_format(recipe, cfg.prompt_format, cfg.tokenizer, target)
     from replay.run import live
     from replay.run.colour import show_table
     from replay.scaleout.launch import scaled_run
@@ -181,7 +206,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
     with live.session(cfg.quiet):  # live progress on stderr while the run runs
         result = scaled_run(cfg, target, recipe, run_dir, offered, ns.workers, ns.ray)  # None: one process
         if result is None:
-            result = run_in_uvloop(execute(cfg, target, recipe(), run_dir, offered))
+            hooks = chain_hooks(recipe)  # sessions: later turns made as earlier ones end
+            result = run_in_uvloop(execute(cfg, target, recipe(), run_dir, offered, hooks=hooks))
     show_table(console_table(result.summary))
     print(f"run directory: {result.run_dir}")
     for hint in result.summary.get("hints", []):

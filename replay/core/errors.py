@@ -29,6 +29,9 @@ def http_status_kind(status: int) -> str:
 NOT_SENT_STOPPED = "stopped"  # run stopped (signal, deadline) before its intended time
 NOT_SENT_DEADLINE = "past_deadline"
 NOT_SENT_OVERLOAD = "max_in_flight"  # too many outstanding requests: the client protects itself
+# A conversation's later turns after one of its turns did not end ok (error, abandoned, unfinished):
+# the user does not go on, and the turns that would have followed are counted here, not lost.
+NOT_SENT_SESSION_ENDED = "session_ended"
 
 
 class ReplayError(Exception):

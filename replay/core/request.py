@@ -50,6 +50,8 @@ class Request:
     # if the request is still going then; None: it stays to the end.
     abandon_after_s: float | None = None
     klass: str | None = None  # a request class measured apart (PROBE), None: the main load
+    turn: int | None = None  # a conversation's turn, 1-based (metrics per turn index); None: no session
+
 
 @dataclass(slots=True)
 class RequestRecord:
@@ -71,6 +73,7 @@ class RequestRecord:
     end_s: float | None = None
     chunk_s: list[float] = field(default_factory=list)
     chunk_tokens: list[int] = field(default_factory=list)
+    events: int = 0  # token-carrying events received (a bulk of same-read events is one chunk entry)
     output_tokens: int = 0
     usage_input_tokens: int | None = None
     usage_output_tokens: int | None = None
@@ -81,6 +84,7 @@ class RequestRecord:
     worker: int = 0
     abandon_after_s: float | None = None  # drawn patience (Request.abandon_after_s), if any
     klass: str | None = None  # Request.klass
+    turn: int | None = None  # Request.turn
 
     def add_chunk(self, t: float, tokens: int) -> None:
         """Record a streamed chunk carrying `tokens` output tokens (0 for role/usage-only chunks)."""
@@ -88,6 +92,7 @@ class RequestRecord:
             return
         if self.first_token_s is None:
             self.first_token_s = t
+        self.events += 1
         self.chunk_s.append(t)
         self.chunk_tokens.append(tokens)
 
@@ -204,7 +209,7 @@ class RequestRecord:
             "output_tokens": self.output_tokens,
             "requested_output_tokens": self.requested_output_tokens,
             "requested_input_tokens": self.requested_input_tokens,
-            "chunks": len(self.chunk_s),
+            "chunks": self.events,
             "itl_s": self.itl_stats(),
             "status": self.status,
             "error": self.error,
@@ -212,6 +217,7 @@ class RequestRecord:
             "http_status": self.http_status,
             **({} if self.abandon_after_s is None else {"abandon_after_s": _r(self.abandon_after_s)}),
             **({} if self.klass is None else {"class": self.klass}),
+            **({} if self.turn is None else {"turn": self.turn}),
         }
 
 
@@ -228,4 +234,5 @@ def record_for(req: Request) -> RequestRecord:
         requested_input_tokens=req.input_tokens,
         abandon_after_s=req.abandon_after_s,
         klass=req.klass,
+        turn=req.turn,
     )

@@ -22,6 +22,11 @@ Sink = Callable[[RequestRecord], None]
 # A request's successor, made when it ends (a session's next turn): (request, its end in run-relative
 # seconds, output tokens the server reported) -> the next request, its intended time set, or None.
 FollowUp = Callable[[Request, float, int], "Request | None"]
+# The successors a chain will never make because this request did not end ok or was not sent (a
+# session's later turns): (request, run-relative time the chain broke) -> requests, each recorded
+# not_sent (`session_ended` after a turn that failed, was abandoned or left unfinished; the same
+# reason as the request's own when it was not sent), so every turn a session would have had is counted.
+Remainder = Callable[[Request, float], Iterable[Request]]
 EARLY_S = 0.0002
 # At the drain deadline, in-flight requests are cancelled this many per loop turn: thousands at
 # once (an overloaded run) would run their cancellation handlers in one long loop iteration.
@@ -42,6 +47,7 @@ class EngineOptions:
     look_ahead_s: float = 2.0
     look_ahead_bytes: int = 256 << 20
     follow_up: FollowUp | None = None
+    remainder: Remainder | None = None
 
 
 @dataclass(slots=True)
@@ -188,6 +194,10 @@ class Engine:
         self._finish(rec)
         if nxt is not None:
             self._submit(nxt)
+        elif rec.status != OK:  # the user does not go on after a failed, abandoned or unfinished turn
+            at = rec.end_s if rec.end_s is not None else time.perf_counter() - self._t0
+            why = rec.error if rec.status == NOT_SENT and rec.error else errors.NOT_SENT_SESSION_ENDED
+            self._rest_not_sent(req, why, at)
 
     def _submit(self, req: Request) -> None:
         """A request made during the run (a follow-up): sent at its own intended time, like the
@@ -239,12 +249,23 @@ class Engine:
         self.sink(rec)
 
     def _not_sent(self, req: Request, reason: str) -> None:
+        self._record_not_sent(req, reason)
+        self._rest_not_sent(req, reason, req.intended_s)
+
+    def _record_not_sent(self, req: Request, reason: str) -> None:
         rec = record_for(req)
         rec.worker = self.options.worker
         rec.status = NOT_SENT
         rec.error = reason
         self.state.not_sent += 1
         self.sink(rec)
+
+    def _rest_not_sent(self, req: Request, reason: str, at_s: float) -> None:
+        """What `req`'s chain would have sent after it, counted not_sent (see `Remainder`)."""
+        rest = self.options.remainder
+        if rest is not None:
+            for later in rest(req, at_s):
+                self._record_not_sent(later, reason)
 
     async def _drain(self) -> None:
         deadline = time.perf_counter() + self.options.drain_timeout_s

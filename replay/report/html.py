@@ -181,7 +181,7 @@ def _probe_table(doc: dict[str, Any]) -> str:
 
 
 def run_html(run_dir: Path, summary: dict[str, Any]) -> str:
-    from replay.report.markdown import run_key_rows
+    from replay.report.markdown import TURN_HEADER, TURN_NOTE, run_key_rows, turn_rows
 
     cfg = summary.get("config", {})
     title = f"Run — {cfg.get('target', '?')}"
@@ -192,6 +192,9 @@ def run_html(run_dir: Path, summary: dict[str, Any]) -> str:
     rows = [[k if k != "output_tps" else "output_tps (tok/s)", *(m[k].get(c) for c in cols)] for k in m]
     body.append("<h2>Latency (ms)</h2>")
     body.append(_table(["metric", "p50", "p90", "p99", "p99.9", "max", "mean", "count"], rows))
+    if summary.get("turns"):
+        body.append("<h2>Per turn of a conversation</h2>" + _table(TURN_HEADER, turn_rows(summary)))
+        body.append(f"<p class='note'>{escape(TURN_NOTE)}</p>")
     hists = {k: H.decode(v) for k, v in summary.get("histograms", {}).items()}
     body.append("<h2>Percentile distributions</h2><div class='charts'>")
     body += distribution_charts(hists, "whole run", "run")

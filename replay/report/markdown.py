@@ -306,6 +306,25 @@ def _prompt_rows(summary: dict[str, Any]) -> list[list[str]]:
     return [["prompts", f"{fmt or 'ids'}; length error (server - intended): {err}"]]
 
 
+TURN_HEADER = ["turn", "scheduled", "ok", "not ok", "TTFT p50 ms", "TTFT p90 ms", "TTFT p99 ms", "TTFT count"]
+TURN_NOTE = (
+    "Conversations: TTFT of each turn index (ok turns). A later turn re-sends the conversation so far "
+    "as its prompt prefix: the server's prefix cache and the longer context both show here. Not ok "
+    "counts every status but ok; the turns after one that did not end ok are counted not sent "
+    "(session_ended)."
+)
+
+
+def turn_rows(summary: dict[str, Any]) -> list[list[Any]]:
+    """summary.json's "turns" (replay.stats.turns) as table rows, shared by report.md and report.html."""
+    rows = []
+    for r in summary.get("turns") or []:
+        t = r["ttft_ms"]
+        label = f"{r['turn']}+" if r.get("and_later") else str(r["turn"])
+        rows.append([label, r["scheduled"], r["ok"], r["not_ok"], t["p50"], t["p90"], t["p99"], t["count"]])
+    return rows
+
+
 def run_md(summary: dict[str, Any]) -> str:
     cfg = summary.get("config", {})
     lines = [f"# Run: {cfg.get('target', '?')}", ""]
@@ -315,4 +334,8 @@ def run_md(summary: dict[str, Any]) -> str:
     cols = ("p50", "p90", "p99", "p99.9", "max", "mean", "count")
     rows = [[k, *(v.get(c) for c in cols)] for k, v in summary["metrics"].items()]
     lines += _md_table(["metric", *cols], rows)
+    if summary.get("turns"):
+        lines += ["", "## Per turn of a conversation", ""]
+        lines += _md_table(TURN_HEADER, turn_rows(summary))
+        lines += ["", TURN_NOTE]
     return "\n".join(lines) + "\n"

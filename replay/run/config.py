@@ -10,7 +10,7 @@ from typing import Any
 
 from replay.core.errors import ReplayError
 from replay.schedule.arrivals import ArrivalSpec
-from replay.schedule.behaviour import AbandonSpec
+from replay.schedule.behaviour import AbandonSpec, Dist
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,14 @@ class RunConfig:
     tokenizer: Path | None = None
     abandon: str | None = None  # SHARE:DIST (replay.schedule.behaviour.AbandonSpec)
     probe_rate: float | None = None  # requests/s of the probe stream beside the load (replay.schedule.probe)
+    prompt_format: str = "ids"  # ids | text (replay.schedule.text_prompts): how prompts are sent
+    # Conversations (replay.schedule.sessions): --rate is then new sessions/s, each of `turns` turns,
+    # turn k+1 sent a think time (behaviour.Dist text) after turn k ended, its prompt the previous
+    # prompt + output + `follow_up_tokens` new tokens; `sessions` bounds how many start.
+    turns: int | None = None
+    think_time: str = "exp:2"
+    follow_up_tokens: int = 32
+    sessions: int | None = None
 
     def arrival_spec(self) -> ArrivalSpec:
         return ArrivalSpec(
@@ -79,8 +87,10 @@ class RunConfig:
         else:
             out.extend(f"--{p}" for p in self.arrival_spec().problems())
         bounded_by_trace = self.trace is not None and not self.loop
-        if self.duration_s is None and self.requests is None and not bounded_by_trace:
+        bounded = bounded_by_trace or self.requests is not None or self.sessions is not None
+        if self.duration_s is None and not bounded:
             out.append("--duration/--requests: give at least one bound for the run")
+        out.extend(self._session_problems())
         if self.duration_s is not None and not (self.duration_s > 0 and math.isfinite(self.duration_s)):
             out.append(f"--duration: must be a positive number of seconds, got {self.duration_s}")
         if self.requests is not None and self.requests <= 0:
@@ -115,6 +125,29 @@ class RunConfig:
                 AbandonSpec.parse(self.abandon)
             except ReplayError as exc:
                 out.append(str(exc))
+        return out
+
+    def _session_problems(self) -> list[str]:
+        from replay.schedule.sessions import TURN_STRIDE
+
+        if self.turns is None:
+            return ["--sessions: needs --turns K (a session's turns)"] if self.sessions is not None else []
+        out = []
+        if not 1 <= self.turns <= TURN_STRIDE:
+            out.append(f"--turns: must be 1..{TURN_STRIDE}, got {self.turns}")
+        if self.sessions is not None and self.sessions < 1:
+            out.append(f"--sessions: must be a positive count, got {self.sessions}")
+        if self.follow_up_tokens < 1:
+            out.append(f"--follow-up-tokens: must be >= 1, got {self.follow_up_tokens}")
+        if self.concurrency is not None or self.trace is not None:
+            out.append("--turns: synthetic sessions run open loop on their own arrivals; drop "
+                       + ("--concurrency" if self.concurrency is not None else "--trace"))  # fmt: skip
+        if self.requests is not None:
+            out.append("--requests: with --turns, bound the run by --sessions N (each has --turns turns)")
+        try:
+            Dist.parse(self.think_time, "--think-time")
+        except ReplayError as exc:
+            out.append(str(exc))
         return out
 
     def to_json(self) -> dict[str, Any]:

@@ -9,8 +9,11 @@ from pathlib import Path
 
 from replay.core.request import Request
 from replay.run.config import RunConfig
+from replay.schedule import arrivals
+from replay.schedule.behaviour import Dist
 from replay.schedule.from_trace import schedule_from_trace, trace_timing
 from replay.schedule.prompts import DEFAULT_HIGH_ID, DEFAULT_LOW_ID, PromptBuilder
+from replay.schedule.sessions import SessionSchedule, SessionSpec
 from replay.schedule.vocab import id_range
 from replay.trace.formats import load_trace
 
@@ -79,3 +82,16 @@ class TraceSchedule:
         if count == 1:
             return reqs
         return (r for r in reqs if r.id % count == index)
+
+
+def session_schedule(cfg: RunConfig, vocab_size: int | None = None) -> tuple[SessionSchedule, float | None]:
+    """The synthetic conversations of `cfg` (--turns), and the request rate they offer in the long
+    run: new sessions/s x turns (a session's later turns come think times later, past --duration)."""
+    assert cfg.turns is not None
+    low, high = id_range(vocab_size)
+    spec = SessionSpec(turns=cfg.turns, think=Dist.parse(cfg.think_time, "--think-time"),
+                       first_tokens=cfg.input_tokens, follow_tokens=cfg.follow_up_tokens,
+                       output_tokens=cfg.output_tokens)  # fmt: skip
+    recipe = SessionSchedule(cfg.arrival_spec(), cfg.seed, spec, cfg.duration_s, cfg.sessions, low, high)
+    rate = arrivals.mean_rate(cfg.arrival_spec(), cfg.duration_s) if cfg.duration_s else cfg.rate
+    return recipe, None if rate is None else rate * cfg.turns

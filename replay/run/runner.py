@@ -75,7 +75,9 @@ def max_in_flight(cfg: RunConfig, workers: int = 1) -> int:
 
 
 class _Run:
-    def __init__(self, cfg: RunConfig, target: Target, run_dir: Path) -> None:
+    def __init__(
+        self, cfg: RunConfig, target: Target, run_dir: Path, hooks: tuple[Any, Any] = (None, None)
+    ) -> None:
         self.cfg = cfg
         self.target = target
         self.run_dir = run_dir
@@ -86,6 +88,8 @@ class _Run:
             concurrency_cap=cfg.concurrency_cap,
             drain_timeout_s=cfg.drain_timeout_s,
             max_in_flight=max_in_flight(cfg),
+            follow_up=hooks[0],
+            remainder=hooks[1],
         )
         if cfg.concurrency:  # closed loop: N streams back to back
             from replay.engine.closed_loop import ClosedLoopEngine
@@ -264,11 +268,13 @@ async def execute(
     run_dir: Path,
     offered_rate: float | None,
     manage_target: bool = True,
+    hooks: tuple[Any, Any] = (None, None),
 ) -> RunResult:
     """One run into `run_dir`. With `manage_target=False` the caller owns the target's
-    start/close (a capacity search reuses one server across many runs)."""
+    start/close (a capacity search reuses one server across many runs). `hooks`: the engine's
+    (follow_up, remainder) for schedules that make requests as others end (sessions' later turns)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    return await _Run(cfg, target, run_dir).execute(schedule, offered_rate, manage_target)
+    return await _Run(cfg, target, run_dir, hooks).execute(schedule, offered_rate, manage_target)
 
 
 def run_in_uvloop(coro: Any) -> Any:

@@ -194,6 +194,8 @@ class ShardRunner:
             drain_timeout_s=cfg.drain_timeout_s,
             worker=w,
             max_in_flight=max_in_flight(cfg, n),
+            follow_up=getattr(self.spec.schedule, "follow_up", None),  # a session's later turns
+            remainder=getattr(self.spec.schedule, "remainder", None),
         )
         if cfg.concurrency:  # closed loop: this worker's share of the streams
             from replay.engine.closed_loop import ClosedLoopEngine

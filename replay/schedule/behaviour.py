@@ -140,3 +140,20 @@ class Abandoning:
 
     def __call__(self, index: int = 0, count: int = 1) -> Iterator[Request]:
         return with_abandons(self.inner(index, count), self.spec, self.seed)
+
+    @property
+    def follow_up(self) -> Any:
+        """The inner recipe's follow-ups (a session's later turns), each given its own abandon draw."""
+        inner = getattr(self.inner, "follow_up", None)
+        if inner is None:
+            return None
+
+        def follow(req: Request, end_s: float, output_tokens: int) -> Request | None:
+            nxt = inner(req, end_s, output_tokens)
+            return None if nxt is None else next(with_abandons((nxt,), self.spec, self.seed))
+
+        return follow
+
+    @property
+    def remainder(self) -> Any:
+        return getattr(self.inner, "remainder", None)

@@ -62,3 +62,11 @@ class WithProbe:
         shard = None if count == 1 else (index, count)
         probes = probe_stream(self.rate, self.seed, self.low_id, self.high_id, shard)
         return beside(self.inner(index, count), probes)
+
+    @property
+    def follow_up(self) -> Any:  # the main load's (sessions); probes have none
+        return getattr(self.inner, "follow_up", None)
+
+    @property
+    def remainder(self) -> Any:
+        return getattr(self.inner, "remainder", None)

@@ -5,14 +5,24 @@ message. Token ids, so a server's prefix cache sees the whole previous turn as a
 
 Ids: session s, turn k has id `s * TURN_STRIDE + k`, so a session's first turn shards by id like any
 request and its follow-ups stay in the process that ran the turn before.
+
+A turn that does not end ok (an error, abandoned, unfinished at the drain deadline) ends its session:
+the turns that would have followed are never made, and `remainder` hands them to the engine to be
+counted `not_sent: session_ended` (or the unsent turn's own reason), so a run of N sessions of K
+turns always accounts for N x K requests. `--duration` bounds when sessions start; their later
+turns go on after it, within the drain timeout.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from replay.core.request import Request
+from replay.schedule import arrivals
+from replay.schedule.arrivals import ArrivalSpec
 from replay.schedule.behaviour import Dist, uniforms
 from replay.schedule.prompts import DEFAULT_HIGH_ID, DEFAULT_LOW_ID, PromptBuilder
 
@@ -54,7 +64,8 @@ class Sessions:
                 continue
             n = self.spec.first_tokens
             yield Request(id=rid, intended_s=t, input_tokens=n, output_tokens=self.spec.output_tokens,
-                          prompt_token_ids=self._prompts.token_ids(rid, n), session_id=str(s))  # fmt: skip
+                          prompt_token_ids=self._prompts.token_ids(rid, n), session_id=str(s),
+                          turn=1)  # fmt: skip
 
     def think_s(self, request_id: int) -> float:
         """The think time after the turn `request_id` (drawn per id)."""
@@ -73,9 +84,58 @@ class Sessions:
         )
         return Request(id=rid, intended_s=end_s + self.think_s(req.id), input_tokens=len(prompt),
                        output_tokens=self.spec.output_tokens, prompt_token_ids=prompt,
-                       session_id=req.session_id)  # fmt: skip
+                       session_id=req.session_id, turn=turn_of(rid) + 1)  # fmt: skip
+
+    def remainder(self, req: Request, at_s: float) -> Iterator[Request]:
+        """The turns of `req`'s session after it, never to be made (it failed or was not sent): as
+        requests to count not_sent, at `at_s` (when the session broke), with no prompt."""
+        if req.session_id is None:
+            return
+        for k in range(turn_of(req.id) + 1, self.spec.turns):
+            yield Request(id=req.id - turn_of(req.id) + k, intended_s=at_s, input_tokens=0,
+                          output_tokens=self.spec.output_tokens, session_id=req.session_id,
+                          turn=k + 1)  # fmt: skip
 
 
 def turn_of(request_id: int) -> int:
     """0-based turn index of a session request id."""
     return request_id % TURN_STRIDE
+
+
+@dataclass(frozen=True)
+class SessionSchedule:
+    """A picklable schedule recipe (`(index, count) -> first turns`) whose `follow_up` and `remainder`
+    go to the engine; worker w of n keeps the sessions whose first-turn id has `id % n == w`.
+    Sessions start at the arrival model's offsets (`--rate` is new sessions per second)."""
+
+    arrival: ArrivalSpec
+    seed: int
+    spec: SessionSpec
+    duration_s: float | None
+    max_sessions: int | None
+    low_id: int = DEFAULT_LOW_ID
+    high_id: int = DEFAULT_HIGH_ID
+
+    @functools.cached_property
+    def sessions(self) -> Sessions:
+        return Sessions(self.spec, self.seed, self.low_id, self.high_id)
+
+    def __call__(self, index: int = 0, count: int = 1) -> Iterator[Request]:
+        offsets = arrivals.offsets(self.arrival, self.seed)
+        shard = None if count == 1 else (index, count)
+        return self.sessions.first_turns(offsets, self.duration_s, self.max_sessions, shard)
+
+    def follow_up(self, req: Request, end_s: float, output_tokens: int) -> Request | None:
+        return self.sessions.follow_up(req, end_s, output_tokens)
+
+    def remainder(self, req: Request, at_s: float) -> Iterator[Request]:
+        return self.sessions.remainder(req, at_s)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "sessions"}  # rebuilt where unpickled
+
+
+def chain_hooks(recipe: Any) -> tuple[Any, Any]:
+    """(follow_up, remainder) of a schedule recipe for the engine; (None, None) for plain schedules.
+    Wrappers (the probe, abandons) pass their inner recipe's hooks on."""
+    return getattr(recipe, "follow_up", None), getattr(recipe, "remainder", None)

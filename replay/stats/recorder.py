@@ -14,6 +14,7 @@ from hdrh.histogram import HdrHistogram
 
 from replay.core.request import ABANDONED, ERROR, NOT_SENT, OK, PROBE, UNFINISHED, RequestRecord
 from replay.stats import histogram as H
+from replay.stats.turns import turn_key, turn_metric
 
 # Latency metrics (seconds in, microseconds in the histogram).
 LATENCY_METRICS = (
@@ -57,6 +58,9 @@ class Counts:
     # Prompt length the server reported minus the one requested, over ok requests that report it.
     prompt_len_compared: int = 0
     prompt_len_diffs: Counter[int] = field(default_factory=Counter)  # nonzero differences only
+    # Conversations: requests per turn index (replay.stats.turns.turn_key), every status, and ok ones.
+    turn_scheduled: Counter[int] = field(default_factory=Counter)
+    turn_ok: Counter[int] = field(default_factory=Counter)
 
     def merge(self, other: Counts) -> None:
         self.scheduled += other.scheduled
@@ -74,6 +78,8 @@ class Counts:
         self.last_intended_s = max(self.last_intended_s, other.last_intended_s)
         self.prompt_len_compared += other.prompt_len_compared
         self.prompt_len_diffs.update(other.prompt_len_diffs)
+        self.turn_scheduled.update(other.turn_scheduled)
+        self.turn_ok.update(other.turn_ok)
 
     def accounted(self) -> bool:
         """The invariant: scheduled = ok + errors (by kind) + unfinished + abandoned + not sent (by why)."""
@@ -119,6 +125,8 @@ class Recorder:
             self._example(rec)
         lag = rec.dispatch_lag()
         h = self.interval
+        if rec.turn is not None:
+            self._turn(rec, h)
         if lag is not None:
             H.record_seconds(h["dispatch_lag"], lag)
         if rec.klass == PROBE:
@@ -156,6 +164,21 @@ class Recorder:
                 H.record_seconds(h[name], value)
         H.record_seconds_many(h["probe_itl"], rec.itls())
 
+    def _turn(self, rec: RequestRecord, h: dict[str, HdrHistogram]) -> None:
+        """A conversation turn: counted per turn index, its TTFT (ok) in that turn's histogram, made
+        the first time the index is seen (a run without sessions holds none)."""
+        k = turn_key(rec.turn or 1)
+        for c in (self.counts, self.interval_counts):
+            c.turn_scheduled[k] += 1
+            c.turn_ok[k] += rec.status == OK
+        ttft = rec.ttft() if rec.status == OK else None
+        if ttft is not None:
+            name = turn_metric(k)
+            hist = h.get(name)
+            if hist is None:
+                hist = h[name] = H.new()
+            H.record_seconds(hist, ttft)
+
     def _example(self, rec: RequestRecord) -> None:
         ex = self.error_examples.setdefault(rec.error or "unknown", [])
         if len(ex) < 5 and rec.error_detail and rec.error_detail not in ex:
@@ -170,8 +193,8 @@ class Recorder:
         for h in spare.values():
             H.reset(h)
         done, counts = self.swap()
-        for m in METRICS:
-            self.total[m].add(done[m])
+        for m, hist in done.items():  # METRICS and any turn histograms
+            _into(self.total, m).add(hist)
         return done, counts
 
     def swap(self) -> tuple[dict[str, HdrHistogram], Counts]:
@@ -184,10 +207,17 @@ class Recorder:
 
     def absorb(self, done: dict[str, HdrHistogram]) -> None:
         """Add a swapped-out interval to the run total and empty it for reuse (off the loop)."""
-        for m in METRICS:
-            self.total[m].add(done[m])
-            H.reset(done[m])
+        for m, hist in done.items():
+            _into(self.total, m).add(hist)
+            H.reset(hist)
 
     def close(self) -> dict[str, HdrHistogram]:
         self.roll()
         return self.total
+
+
+def _into(hists: dict[str, HdrHistogram], name: str) -> HdrHistogram:
+    h = hists.get(name)
+    if h is None:
+        h = hists[name] = H.new()
+    return h

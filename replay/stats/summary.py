@@ -14,6 +14,7 @@ from replay.stats.hints import hints
 from replay.stats.plausibility import plausibility
 from replay.stats.recorder import LATENCY_METRICS, PROBE_METRICS, RATE_METRICS, Counts
 from replay.stats.saturation import headline
+from replay.stats.turns import turns_lines, turns_section
 
 SCHEMA_VERSION = 1
 
@@ -100,6 +101,8 @@ def build_summary(
     }
     if counts.probe_scheduled:
         summary["probe"] = probe_section(summary["metrics"], counts, config)
+    if counts.turn_scheduled:  # conversations: TTFT per turn index (replay.stats.turns)
+        summary["turns"] = turns_section(hists, counts.turn_scheduled, counts.turn_ok)
     if extra:
         summary.update(extra)
     return summary
@@ -147,6 +150,9 @@ def console_table(summary: dict[str, Any]) -> str:
         for name in ("ttft", "ttft_intended", "itl", "e2e"):
             row = probe["metrics"][name]
             lines.append(f"{'probe ' + name:<16}" + "".join(f"{_fmt(row[c]):>10}" for c in cols))
+    if summary.get("turns"):
+        lines.append("")
+        lines.extend(turns_lines(summary["turns"]))
     c = summary["counts"]
     t = summary["throughput"]
     errs = ", ".join(f"{k}={v}" for k, v in c["errors"].items()) or "none"
@@ -156,8 +162,11 @@ def console_table(summary: dict[str, Any]) -> str:
     lines.append(
         f"requests: scheduled {c['scheduled']}, ok {c['ok']}, errors {sum(c['errors'].values())} ({errs}), "
         + (f"unfinished {c['unfinished']}, " if c.get("unfinished") else "")
-        + (f"abandoned {c['abandoned']} ({c['abandoned_mid_stream']} mid-stream), " if c.get("abandoned")
-           else "")
+        + (
+            f"abandoned {c['abandoned']} ({c['abandoned_mid_stream']} mid-stream), "
+            if c.get("abandoned")
+            else ""
+        )
         + f"not sent {sum(c['not_sent'].values())} ({ns})"
     )
     lines.append(
