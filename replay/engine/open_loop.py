@@ -211,6 +211,9 @@ class Engine:
 
     async def _later(self, req: Request) -> None:
         due = self._t0 + req.intended_s
+        prepare = getattr(self.target, "prepare", None)
+        if prepare is not None and req.prepared is None and due - time.perf_counter() > EARLY_S:
+            req.prepared = prepare(req)  # the body made during the think time, not at the send
         try:
             while (delay := due - time.perf_counter()) > EARLY_S:
                 await asyncio.sleep(delay)
