@@ -9,10 +9,11 @@ import json
 import numpy as np
 import orjson
 import pytest
-from stub_truth import IdTarget, pct, reset, truth
+from stub_truth import SHIFT_Q, IdTarget, pct, reset, truth
 
 from replay.cli.main import main
 from replay.core.request import Request
+from replay.report.html import render
 from replay.run.config import RunConfig
 from replay.run.plan import session_schedule
 from replay.run.runner import execute, run_in_uvloop
@@ -26,11 +27,12 @@ STUB = ["--ttft-ms", "20", "--itl-ms", "5", "--vllm", "--continuous-usage"]
 # timer and the next request's send transit. Measured here at lowest CPU priority beside the lead's
 # benchmarks (2 shared cores, load average 2.2-2.7, 10 runs of 48 gaps): min -0.06, p10 0.09-0.33,
 # p50 0.85-1.33, p90 1.6-4.2, p99 2.7-8.2 ms, the client's own dispatch lag p99 1.5-5.2 ms of it
-# (CPU contention touches some turns only). Issue 15's acceptance, 2 ms at p99, is for a quiet machine
-# (bench/sessions_stub.py measures it); here a shift is judged where contention moves least: a client
-# that sends the next turn 1-2 ms late fails p10 and p50, one that counts the think time from turn k's
-# send instead of its end reads -55 ms (a turn's E2E) and fails the minimum.
-GAP_MIN_MS, GAP_P10_MS, GAP_P50_MS = -0.2, 0.6, 1.8
+# (CPU contention touches some turns only); with two other vLLM servers busy (load 3.4) p10 0.48,
+# p50 2.7, max 37 ms. Issue 15's acceptance, 2 ms at p99, is for a quiet machine; here a shift is
+# judged where contention moves least (stub_truth.SHIFT_Q, p10): a client that sends the next turn 1 ms
+# late fails it, one that counts the think time from turn k's send instead of its end reads -55 ms (a
+# turn's E2E) and fails the minimum.
+GAP_MIN_MS, GAP_SHIFT_MS = -0.2, 1.0
 
 
 class BodyTarget(IdTarget):
@@ -61,7 +63,7 @@ def _run(stub, tmp_path, name, hooks=None):
     res = run_in_uvloop(
         execute(cfg, target, recipe(), tmp_path / name, offered, hooks=hooks or chain_hooks(recipe))
     )
-    return recipe, res.summary, truth(stub.base_url), target.sent
+    return recipe, res.summary, truth(stub.base_url), target.sent, res.run_dir
 
 
 def gaps_ms(doc, think_s) -> np.ndarray:
@@ -73,12 +75,12 @@ def gaps_ms(doc, think_s) -> np.ndarray:
 
 def check_timing(gaps: np.ndarray) -> None:
     assert gaps.min() > GAP_MIN_MS, np.round(np.sort(gaps)[:5], 2)  # never before the think time passed
-    assert pct(gaps, 10) < GAP_P10_MS and pct(gaps, 50) < GAP_P50_MS, np.round(np.sort(gaps), 2)
+    assert pct(gaps, SHIFT_Q) < GAP_SHIFT_MS, np.round(np.sort(gaps), 2)
 
 
 def test_session_turns_follow_the_previous_end_by_their_think_time_with_growing_prompts(tmp_path):
     with StubProcess(STUB) as stub:
-        recipe, s, doc, sent = _run(stub, tmp_path, "run")
+        recipe, s, doc, sent, run_dir = _run(stub, tmp_path, "run")
     ids = sorted(s * TURN_STRIDE + k for s in range(SESSIONS) for k in range(TURNS))
     assert sorted(int(x[5]) for x in doc["requests"]) == ids  # every turn served once
     c = s["counts"]
@@ -98,6 +100,14 @@ def test_session_turns_follow_the_previous_end_by_their_think_time_with_growing_
         # ...and the previous turn's prompt is a real prefix of this one on the wire (token ids).
         assert sent[rid][: len(sent[rid - 1])] == sent[rid - 1], rid
     check_timing(gaps_ms(doc, recipe.sessions.think_s))
+    # The reports render the summary's per-turn rows (they compute nothing).
+    render(run_dir)
+    md = (run_dir / "report.md").read_text()
+    for r in s["turns"]:
+        t = r["ttft_ms"]
+        cells = f"| {t['p50']:.3g} | {t['p90']:.3g} | {t['p99']:.3g} |"
+        assert f"| {r['turn']} | {SESSIONS} | {SESSIONS} | 0 {cells}" in md
+    assert "Per turn of a conversation" in (run_dir / "report.html").read_text()
 
 
 def test_the_timing_check_fails_a_client_that_counts_think_time_from_the_send(tmp_path):
@@ -113,7 +123,7 @@ def test_the_timing_check_fails_a_client_that_counts_think_time_from_the_send(tm
         return nxt
 
     with StubProcess(STUB) as stub:
-        recipe2, _s, doc, _ = _run(stub, tmp_path, "early", hooks=(from_send, rest))
+        recipe2, _s, doc, _, _ = _run(stub, tmp_path, "early", hooks=(from_send, rest))
     gaps = gaps_ms(doc, recipe2.sessions.think_s)
     assert len(gaps) == SESSIONS * (TURNS - 1)
     with pytest.raises(AssertionError):
