@@ -47,6 +47,7 @@ class Sidecar:
         self._stats: dict[str, _Stats] = {}
         self._task: asyncio.Task[None] | None = None
         self._out: JsonlWriter | None = None
+        self._t0 = 0.0
 
     @property
     def active(self) -> bool:
@@ -56,35 +57,44 @@ class Sidecar:
         if not self.active:
             return
         self._out = JsonlWriter(self.path)
+        self._t0 = t0
         self._task = asyncio.ensure_future(self._loop(t0))
 
     async def _loop(self, t0: float) -> None:
         k = 0
         while True:
-            row: dict[str, Any] = {}
-            if self.scraper is not None:
-                row.update(await self.scraper.sample())
-            if self.procs is not None:
-                # psutil walks /proc: cheap, but off the loop so a big process tree never stalls it.
-                proc = await asyncio.to_thread(self.procs.sample)
-                row.update({f"proc.{k}": v for k, v in proc.items()})
-            self.last = {k: v for k, v in row.items() if isinstance(v, int | float)}
-            for key, v in self.last.items():
-                s = self._stats.get(key)
-                if s is None:
-                    self._stats[key] = _Stats(float(v))
-                else:
-                    s.add(float(v))
-            assert self._out is not None
-            self._out.write({"t_s": round(time.perf_counter() - t0, 3), **row})
+            await self._sample(t0)
             k += 1
             await asyncio.sleep(max(0.0, t0 + k * PERIOD_S - time.perf_counter()))
+
+    async def _sample(self, t0: float) -> None:
+        row: dict[str, Any] = {}
+        if self.scraper is not None:
+            row.update(await self.scraper.sample())
+        if self.procs is not None:
+            # psutil walks /proc: cheap, but off the loop so a big process tree never stalls it.
+            proc = await asyncio.to_thread(self.procs.sample)
+            row.update({f"proc.{k}": v for k, v in proc.items()})
+        self.last = {k: v for k, v in row.items() if isinstance(v, int | float)}
+        for key, v in self.last.items():
+            s = self._stats.get(key)
+            if s is None:
+                self._stats[key] = _Stats(float(v))
+            else:
+                s.add(float(v))
+        assert self._out is not None
+        self._out.write({"t_s": round(time.perf_counter() - t0, 3), **row})
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+            # One last sample after the run's last request: counters' deltas (the summary's, and a
+            # reader's attributing them to the run's last phase) cover the whole run, not all but
+            # its last second.
+            with contextlib.suppress(Exception):
+                await self._sample(self._t0)
         if self._out is not None:
             self._out.close()
         if self.scraper is not None:
