@@ -103,7 +103,7 @@ def test_light_load_measures_what_the_stub_served(vllm: bool) -> None:
     assert [r.status for r in recs] == [OK] * 50, {r.error_detail for r in recs}
     for r in recs:
         assert r.usage_output_tokens == N_OUT and r.output_tokens == N_OUT
-        assert r.streamed_tokens() == N_OUT and len(r.chunk_s) == N_OUT
+        assert r.streamed_tokens() == N_OUT and r.events == N_OUT
         assert r.usage_input_tokens == 8
         assert r.sent_s <= r.first_byte_s <= r.first_token_s <= r.end_s  # type: ignore[operator]
     assert doc["served"] == doc["received"] == 50 and doc["tokens"] == 50 * N_OUT
@@ -129,7 +129,7 @@ async def test_multi_token_chunks(vllm: bool) -> None:
         recs = await drive(target, 5)
         for r in recs:
             assert r.status == OK
-            assert len(r.chunk_s) == N_OUT // 4
+            assert r.events == N_OUT // 4
             assert r.streamed_tokens() == (N_OUT if vllm else N_OUT // 4)
             assert r.output_tokens == N_OUT  # usage wins
             if vllm:
@@ -150,7 +150,7 @@ async def test_no_usage_server_counts_streamed_tokens() -> None:
 async def test_chat_endpoint_text_and_ids() -> None:
     async def body(stub: StubServer, target: OpenAIHTTPTarget) -> None:
         (r,) = await drive(target, 1, ids=False, text="one two three")
-        assert r.status == OK and r.output_tokens == N_OUT and len(r.chunk_s) == N_OUT
+        assert r.status == OK and r.output_tokens == N_OUT and r.events == N_OUT
         assert r.usage_input_tokens == 3  # the stub counts words
         assert target.notes == []
         (r,) = await drive(target, 1)  # ids only: sent as 8 words

@@ -235,3 +235,29 @@ def test_cli_process_serves_and_stops() -> None:
                          capture_output=True, text=True, timeout=30)  # fmt: skip
     assert bad.returncode == 2 and bad.stderr.startswith("error: fault: bad spec")
     assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("chat", [False, True])
+async def test_burst_writes_every_event_at_once(chat: bool) -> None:
+    """ITL 0 (burst): the same events as chunk-by-chunk emission, in one write, and the truth counts
+    each chunk (ITL samples of 0 after the first)."""
+    async with start_stub(ttft_s=0.01, itl_s=0.0, tokens_per_chunk=3, continuous_usage=True) as stub, \
+            aiohttp.ClientSession() as s:  # fmt: skip
+        t0, ev = await stream(s, stub.base_url + ("/chat/completions" if chat else "/completions"),
+                              body(n=8, chat=chat))  # fmt: skip
+        truth = stub.truth
+        ((t_recv, _, t_first, t_end, tokens, _),) = truth.requests
+    content = [e for _, e in ev if isinstance(e, dict) and e["choices"]]
+    if chat:
+        assert content[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        content = content[1:]
+        texts = [e["choices"][0]["delta"]["content"] for e in content]
+    else:
+        texts = [e["choices"][0]["text"] for e in content]
+    assert texts == [" tok" * 3, " tok" * 3, " tok" * 2]
+    assert [e["usage"]["completion_tokens"] for e in content] == [3, 6, 8]
+    assert [e["choices"][0]["finish_reason"] for e in content] == [None, None, "length"]
+    assert ev[-2][1]["usage"]["completion_tokens"] == 8 and ev[-1][1] == "[DONE]"
+    assert tokens == 8 and t_first == t_end and t_first - t_recv >= 0.01
+    assert truth.chunks == 3 and truth.tokens == 8
+    assert truth.itl.get_total_count() == 7 and truth.itl.get_max_value() == 0  # 3+3+2 tokens: 7 gaps of 0

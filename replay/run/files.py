@@ -1,4 +1,5 @@
-"""Append-only files of a run directory, flushed as written so a crash loses at most a moment.
+"""A run directory's files, written as the run goes (each started afresh: a rerun into the same
+directory replaces, never mixes) and flushed so a crash loses at most a moment.
 
 requests.jsonl   one line per scheduled request, in completion order
 timeseries.jsonl one row per interval (rates, in-flight, errors, server and resource metrics)
@@ -22,11 +23,11 @@ FLUSH_EVERY_S = 1.0
 
 
 class JsonlWriter:
-    """Appends JSON lines; flushes at most once a second (and on close) to keep the hot path cheap."""
+    """Writes JSON lines to a new file; flushes at most once a second (and on close): a cheap hot path."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._f: IO[bytes] = open(path, "ab")  # noqa: SIM115 - lives as long as the run
+        self._f: IO[bytes] = open(path, "wb")  # noqa: SIM115 - lives as long as the run
         self._last_flush = time.monotonic()
         self.lines = 0
 
@@ -67,7 +68,7 @@ class IntervalLog:
     """HdrHistogram interval log (format V1.3: '#[StartTime: ...]', 'Tag=...,start,length,max,hist')."""
 
     def __init__(self, path: Path, start_wall_s: float) -> None:
-        self._f: IO[str] = open(path, "a")  # noqa: SIM115 - lives as long as the run
+        self._f: IO[str] = open(path, "w")  # noqa: SIM115 - lives as long as the run
         self._f.write("#[Histogram log format version 1.3]\n")
         self._f.write(f"#[StartTime: {start_wall_s:.3f} (seconds since epoch)]\n")
         self._f.write('"StartTimestamp","Interval_Length","Interval_Max","Interval_Compressed_Histogram"\n')

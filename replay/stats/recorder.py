@@ -144,7 +144,7 @@ class Recorder:
         ):
             if value is not None:
                 H.record_seconds(h[name], value)
-        H.record_seconds_many(h["itl"], rec.itls())
+        _record_itls(h["itl"], rec)
         e2e = rec.e2e()
         if e2e and rec.first_token_s is not None and rec.output_tokens > 1:
             # Decode rate after the first token: what a reader of the stream experiences.
@@ -162,7 +162,7 @@ class Recorder:
                             ("probe_e2e", rec.e2e())):  # fmt: skip
             if value is not None:
                 H.record_seconds(h[name], value)
-        H.record_seconds_many(h["probe_itl"], rec.itls())
+        _record_itls(h["probe_itl"], rec)
 
     def _turn(self, rec: RequestRecord, h: dict[str, HdrHistogram]) -> None:
         """A conversation turn: counted per turn index, its TTFT (ok) in that turn's histogram, made
@@ -221,3 +221,14 @@ def _into(hists: dict[str, HdrHistogram], name: str) -> HdrHistogram:
     if h is None:
         h = hists[name] = H.new()
     return h
+
+
+def _record_itls(h: HdrHistogram, rec: RequestRecord) -> None:
+    """A response's ITL samples: as (gap, count) runs when it came in few chunks, else vectorised."""
+    runs = rec.itl_runs()
+    if runs is None:
+        H.record_seconds_many(h, rec.itls())
+        return
+    for gap, count in runs:
+        if count > 0:
+            H.record_seconds(h, gap, count)

@@ -26,20 +26,12 @@ import orjson
 
 from replay.core.errors import ReplayError
 from replay.stub.protocol import Conn, error_body
-from replay.stub.stream import Stream, StubConfig, out_of_vocab
+from replay.stub.stream import FINAL, TOKEN, Stream, StubConfig, content_event, out_of_vocab
 from replay.stub.stream import http_chunk as _http_chunk
 from replay.stub.stream import parse_request as _parse_request
 from replay.stub.truth import Fault, Truth
 
-_TOKEN = b" tok"
 _INF = float("inf")
-# SSE events in vLLM's shape, filled from per-request pieces (`head` ends in `"choices":[`).
-_CMPL = b'data: %s{"index":0,"text":"%s","logprobs":null,"finish_reason":%s,"stop_reason":null}]%s}\n\n'
-_CHAT = b'data: %s{"index":0,"delta":{"content":"%s"},"logprobs":null,"finish_reason":%s}]%s}\n\n'
-_ROLE = (b'data: %s{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
-         b'"finish_reason":null}]%s}\n\n')  # fmt: skip
-_USAGE = b',"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}'
-_FINAL = b'data: %s],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}}\n\n'
 _STREAM_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
                 b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n")  # fmt: skip
 
@@ -258,7 +250,9 @@ class StubServer:
             while heap and heap[0][0] <= now and now < until:
                 due, _, s = heapq.heappop(heap)
                 if not s.dead:
-                    if s.stream:
+                    if s.stream and self.cfg.itl_s == 0 and s.fault is None:
+                        self._emit_burst(s, due, now)
+                    elif s.stream:
                         self._emit(s, due, now)
                     else:
                         self._emit_whole(s, due, now)
@@ -277,21 +271,13 @@ class StubServer:
         if at_fault and self._fault(s, fault, due):  # type: ignore[arg-type]
             return
         first = s.sent == 0
+        out = content_event(s, s.sent + k)
         s.sent += k
         last = s.sent >= s.n
         c = s.sent
-        usage = _USAGE % (s.prompt_tokens, s.prompt_tokens + c, c) if s.continuous else b""
-        finish = b'"length"' if last else b"null"
-        if not s.chat:
-            out = _CMPL % (s.head, _TOKEN * k, finish, usage)
-        elif first:
-            role = _USAGE % (s.prompt_tokens, s.prompt_tokens, 0) if s.continuous else b""
-            out = _ROLE % (s.head, role) + _CHAT % (s.head, _TOKEN * k, finish, usage)
-        else:
-            out = _CHAT % (s.head, _TOKEN * k, finish, usage)
         if last:
             if s.usage:
-                out += _FINAL % (s.head, s.prompt_tokens, s.prompt_tokens + c, c)
+                out += FINAL % (s.head, s.prompt_tokens, s.prompt_tokens + c, c)
             out += b"data: [DONE]\n\n"
             s.conn.write(_http_chunk(out) + b"0\r\n\r\n")
         else:
@@ -307,6 +293,32 @@ class StubServer:
             self._end(s, now)
         else:
             self._push(s.base + cfg.ttft_s + c * cfg.itl_s, s)
+
+    def _emit_burst(self, s: Stream, due: float, now: float) -> None:
+        """ITL 0: every remaining event (chunk by chunk, as `_emit` shapes them) in one write. A burst
+        of 256 events written one by one costs the stub 256 syscalls, and at 1,000 req/s it, not the
+        client under test, would set the pace."""
+        events: list[bytes] = []
+        k = self.cfg.tokens_per_chunk
+        first = s.sent == 0
+        n_chunks = 0
+        while s.sent < s.n:
+            c = min(s.sent + k, s.n)
+            events.append(content_event(s, c))
+            s.sent = c
+            n_chunks += 1
+        if s.usage:
+            events.append(FINAL % (s.head, s.prompt_tokens, s.prompt_tokens + s.n, s.n))
+        events.append(b"data: [DONE]\n\n")
+        s.conn.write(b"".join([_http_chunk(e) for e in events]) + b"0\r\n\r\n")
+        if s.conn.paused:
+            self.truth.writes_while_paused += 1
+        self.truth.burst(now, due, s.t_prev, s.t_recv, n_chunks, k, s.n)
+        if first:
+            s.t_first = now
+        s.t_prev = now
+        self.truth.served += 1
+        self._end(s, now)
 
     def _fault(self, s: Stream, fault: Fault, due: float) -> bool:
         """Apply a mid-stream fault before the chunk due now; True when the stream is over."""
@@ -328,7 +340,7 @@ class StubServer:
         return True
 
     def _emit_whole(self, s: Stream, due: float, now: float) -> None:
-        text = (_TOKEN * s.n).decode()
+        text = (TOKEN * s.n).decode()
         choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
         if s.chat:
             choice["message"] = {"role": "assistant", "content": text}

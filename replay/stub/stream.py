@@ -13,6 +13,14 @@ from replay.stub.protocol import Conn
 from replay.stub.truth import Fault
 
 FaultHook = Callable[[int, dict[str, Any]], Fault | None]
+TOKEN = b" tok"
+# SSE events in vLLM's shape, filled from per-request pieces (`head` ends in `"choices":[`).
+CMPL = b'data: %s{"index":0,"text":"%s","logprobs":null,"finish_reason":%s,"stop_reason":null}]%s}\n\n'
+CHAT = b'data: %s{"index":0,"delta":{"content":"%s"},"logprobs":null,"finish_reason":%s}]%s}\n\n'
+ROLE = (b'data: %s{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,'
+        b'"finish_reason":null}]%s}\n\n')  # fmt: skip
+USAGE = b',"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}'
+FINAL = b'data: %s],"usage":{"prompt_tokens":%d,"total_tokens":%d,"completion_tokens":%d}}\n\n'
 # Token-id prompts longer than this (in JSON bytes, ~13k ids) are counted, not parsed.
 _FAST_PROMPT_BYTES = 1 << 16
 
@@ -71,6 +79,21 @@ class Stream:
         self.dead = False
         self.admitted = False
         self.request_id: str | None = None  # the client's own id (vLLM's request_id / X-Request-Id)
+
+
+def content_event(s: Stream, c: int) -> bytes:
+    """The SSE bytes of `s`'s chunk from token `s.sent` up to `c` (the role event first, in chat), with
+    vLLM's continuous usage when asked and finish_reason "length" on the last."""
+    usage = USAGE % (s.prompt_tokens, s.prompt_tokens + c, c) if s.continuous else b""
+    finish = b'"length"' if c >= s.n else b"null"
+    text = TOKEN * (c - s.sent)
+    if not s.chat:
+        return CMPL % (s.head, text, finish, usage)
+    out = CHAT % (s.head, text, finish, usage)
+    if s.sent == 0:
+        role = USAGE % (s.prompt_tokens, s.prompt_tokens, 0) if s.continuous else b""
+        out = ROLE % (s.head, role) + out
+    return out
 
 
 def http_chunk(body: bytes) -> bytes:

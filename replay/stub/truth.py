@@ -149,6 +149,18 @@ class Truth:
             self._late.flush()
             self._itl.flush()
 
+    def burst(self, t: float, due: float, prev_t: float | None, t_recv: float, chunks: int, k: int,
+              n: int) -> None:  # fmt: skip
+        """`chunks` content chunks of up to `k` tokens, `n` tokens in all, written together at `t`: the
+        same records as that many `chunk` calls at one instant (every gap after the first is 0)."""
+        self.chunk(t, due, prev_t, t_recv, min(k, n))
+        rest = chunks - 1
+        if rest > 0:
+            self.chunks += rest
+            self.tokens += n - min(k, n)
+            self._late.buf.extend([int((t - due) * 1e6)] * rest)
+            self._itl.hist.record_value(0, n - min(k, n))
+
     def late_us(self, us: int) -> None:
         self._late.buf.append(us)
 

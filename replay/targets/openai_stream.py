@@ -20,6 +20,9 @@ from replay.targets.http_failures import Failure, Watchdog
 from replay.targets.sse import SSEDecoder
 
 _ERROR_BODY_MAX = 4096  # bytes of a non-200 body read for its message
+# A read bringing more events than this has its middle ones checked in bulk (OpenAIStream._bulk); the
+# first one and the last _TAIL (last content event, final usage, [DONE]) are always parsed.
+_BULK_MIN, _TAIL = 8, 3
 
 
 class OpenAIStream:
@@ -27,7 +30,7 @@ class OpenAIStream:
     when the response is not a complete, well-formed stream."""
 
     __slots__ = ("record", "wd", "chat", "continuous", "decoder", "done", "finished", "prev_completion",
-                 "error_body")  # fmt: skip
+                 "error_body", "prefix")  # fmt: skip
 
     def __init__(self, record: RequestRecord, wd: Watchdog, chat: bool, continuous: bool) -> None:
         self.record = record
@@ -39,6 +42,7 @@ class OpenAIStream:
         self.finished = False  # a finish_reason seen
         self.prev_completion = 0
         self.error_body: bytearray | None = None  # set for a non-200 answer
+        self.prefix: bytes | None = None  # a parsed content event's bytes up to its choices (see _bulk)
 
     def head(self, status: int, content_type: bytes, t: float) -> None:
         rec = self.record
@@ -78,6 +82,55 @@ class OpenAIStream:
     def _events(self, payloads: list[bytes], t: float) -> None:
         if self.done or not payloads:
             return  # nothing counts after [DONE]
+        if len(payloads) > _BULK_MIN:
+            self._parsed(payloads[:1], t)
+            mids = payloads[1:-_TAIL]
+            tokens = self._bulk(mids)
+            if tokens is None:
+                self._parsed(mids, t)  # not the plain shape: every event parsed
+            else:
+                rec = self.record
+                if tokens:
+                    if rec.first_token_s is None:
+                        self.wd.first_token(t)
+                    rec.add_chunk(t, tokens)  # came with the first: ITL samples of 0, as one by one
+                    self.wd.last = t
+                rec.events += len(mids) - (1 if tokens else 0)
+            self._parsed(payloads[-_TAIL:], t)
+            return
+        self._parsed(payloads, t)
+
+    def _bulk(self, mids: list[bytes]) -> int | None:
+        """The tokens carried by events that arrived in one read between two parsed ones, when every one
+        has the plain shape of this stream's parsed events (checked by counting byte patterns over them
+        all, in C); else None, and they are parsed one by one. Parsing each costs ~1.5 us of the client's
+        core (orjson ~0.75 us, then the Python per event); a burst of 256 tokens in one read would cost
+        ~0.4 ms. Same time stamp, so the ITL samples are the same. With continuous usage the next parsed
+        event's usage counts these events' tokens; otherwise each carries one (none may be empty)."""
+        prefix = self.prefix
+        if prefix is None or self.done:
+            return None
+        n = len(mids)
+        joined = b"\n".join(mids)
+        # Every separator followed by the prefix: each event starts with it (one more match anywhere,
+        # or an event without it, and the count is off); none ends the stream.
+        if (
+            not joined.startswith(prefix)
+            or joined.count(b"\n" + prefix) != n - 1
+            or joined.count(b'"finish_reason":null') != n
+        ):
+            return None
+        if self.continuous:
+            return 0
+        if self.chat:
+            shaped = joined.count(b'"delta":{"content":"') == n and b'"content":""' not in joined
+        else:
+            shaped = joined.count(b'"text":"') == n and b'"text":""' not in joined
+        return n if shaped else None
+
+    def _parsed(self, payloads: list[bytes], t: float) -> None:
+        if self.done or not payloads:
+            return
         rec = self.record
         loads = orjson.loads
         chat = self.chat
@@ -102,6 +155,8 @@ class OpenAIStream:
                 if not choices:
                     continue
                 c = choices[0]
+                if self.prefix is None:
+                    self.prefix = _prefix(p, choices)
                 if c.get("finish_reason") is not None:
                     self.finished = True
                 if continuous and u:
@@ -149,6 +204,15 @@ class OpenAIStream:
             if msg:
                 text = str(msg)
         return Failure(errors.http_status_kind(status), f"HTTP {status}: " + " ".join(text.split()), status)
+
+
+def _prefix(payload: bytes, choices: Any) -> bytes | None:
+    """A content event's bytes up to and including `"choices":[` (id, object, created, model: constant
+    over a vLLM or OpenAI stream), when that is where its single choice starts."""
+    i = payload.find(b'"choices":[{')
+    if i < 0 or not isinstance(choices, list) or len(choices) != 1 or payload.count(b'"choices":') != 1:
+        return None
+    return payload[: i + 11]
 
 
 def _stream_error(err: Any) -> Failure:
