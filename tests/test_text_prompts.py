@@ -106,6 +106,7 @@ def test_run_sends_text_of_the_asked_length_and_says_so(tiny, tmp_path):
     ple = s["prompt_length_error"]
     assert ple["compared"] == len(rows) and ple["mismatched"] == 0
     assert "| prompts | text; length error (server - intended): 0 of" in _report_md(tmp_path / "text")
+    assert f"prompts: text; length as the server counts it: all {len(rows)} as requested" in r.stdout
 
 
 def _report_md(run_dir: Path) -> str:

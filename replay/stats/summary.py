@@ -179,11 +179,15 @@ def console_table(summary: dict[str, Any]) -> str:
         lines.append(f"probe: {probe['ok']} of {probe['scheduled']} ok at {_fmt(probe['rate_req_s'])} req/s "
                      "(counted in requests above; latencies apart from the load's)")  # fmt: skip
     ple = summary.get("prompt_length_error")
+    fmt = summary.get("config", {}).get("prompt_format") or "ids"
     if ple and ple["mismatched"]:
         lines.append(
             f"prompt length: {ple['mismatched']} of {ple['compared']} requests differ from the requested "
-            f"length as the server counts it (max {ple['max_abs_tokens']} tokens)"
+            f"length as the server counts it (max {ple['max_abs_tokens']} tokens; prompts as {fmt})"
         )
+    elif fmt != "ids":  # text prompts: say so, and that the server counted the lengths asked for
+        told = f"all {ple['compared']} as requested" if ple and ple["compared"] else "not reported"
+        lines.append(f"prompts: {fmt}; length as the server counts it: {told}")
     workers = summary.get("workers")
     if workers:
         each = workers.get("each", [])
