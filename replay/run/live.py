@@ -9,12 +9,14 @@ Why a thread of its own: the event loop carries the measurement and a 5 ms stall
 self-check, so no part of the display runs on the loop. The thread wakes `REFRESH_HZ` times a
 second, reads the engine's counters (plain ints: safe to read from any thread under the GIL) and
 the last interval row (its percentiles were computed off the loop when the interval closed; the
-display never computes one), renders with rich and writes, under the short GIL switch interval of
-`offloop` (while it holds the GIL the loop waits at most 0.5 ms). Its own cost goes into the run's
+display never computes one), builds the frame as one string from prebuilt escape codes and writes
+it with one os.write (`region.Region`: tens of microseconds of CPU per redraw, where rich's Live took
+0.6-1.3 ms, all of it with the GIL held; bench/results-live-render.md), under the short GIL switch
+interval of `offloop` (while it holds the GIL the loop waits at most 0.5 ms). Its own cost goes into the run's
 self-check figures (`Feed.cost()`). On the loop remain a feed's attach/detach and, for workers, one
 assignment per merged row.
 
-A terminal gets a rich Live region redrawn in place, coloured. Anything else, NO_COLOR or TERM=dumb
+A terminal gets a region redrawn in place, coloured. Anything else, NO_COLOR or TERM=dumb
 gets plain lines without escape codes: one per interval, one when the drain begins, one at the end.
 """
 
@@ -30,13 +32,10 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from rich.console import Group
-from rich.live import Live
-from rich.text import Text
-
-from replay.run.colour import console, plain_wanted, verdict_line
-from replay.run.live_view import Snapshot, counts_text, plain_row, render
+from replay.run.colour import plain_wanted, verdict_line
+from replay.run.live_view import STYLES, Snapshot, counts_text, plain_row, render
 from replay.run.offloop import short_switch_interval
+from replay.run.region import Region
 
 REFRESH_HZ = 2.0
 _CURRENT: ContextVar[Display | None] = ContextVar("replay_live_display", default=None)
@@ -230,7 +229,8 @@ class Display:
         self._lines: deque[str] = deque()
         self._wake = threading.Event()
         self._closing = False
-        self._live: Live | None = None
+        # Built now, before any run: its escape codes (rich) take ~0.5 ms a first redraw would pay mid-run
+        self._region = None if self.plain else Region(stream, STYLES)
         self._broken = False
         self._thread = threading.Thread(target=self._main, name="replay-live", daemon=True)
         self._thread.start()
@@ -298,16 +298,15 @@ class Display:
                 f.cpu_s_total += cpu
 
     def _live_tick(self, feeds: list[Feed], now: float) -> None:
-        if self._live is None:
-            if not feeds and not self._lines:
-                return
-            self._live = Live(console=console(self.stream), auto_refresh=False, transient=False,
-                              redirect_stdout=False, redirect_stderr=False)  # fmt: skip
-            self._live.start()
+        region = self._region
+        assert region is not None
+        if not region.shown and not feeds and not self._lines:
+            return
+        above = []
         while self._lines:
-            self._live.console.print(verdict_line(self._lines.popleft()))
-        parts = [render(f, f.final or f.snapshot(now), done=f.final is not None) for f in feeds]
-        self._live.update(Group(*parts) if parts else Text(""), refresh=True)
+            above.append(verdict_line(self._lines.popleft()))
+        lines = [ln for f in feeds for ln in render(f, f.final or f.snapshot(now), done=f.final is not None)]
+        region.draw(above, lines)
 
     def _plain_tick(self, feeds: list[Feed], now: float) -> None:
         out = []
@@ -329,6 +328,5 @@ class Display:
             self.stream.flush()
 
     def _stop_live(self) -> None:
-        if self._live is not None:
-            live, self._live = self._live, None
-            live.stop()
+        if self._region is not None:
+            self._region.close()  # shows the cursor again; drawing again would hide it again

@@ -7,8 +7,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from rich.text import Text
-
 BAR_WIDTH = 40
 Feed = Any  # replay.run.live.Feed: title, planned_s, planned_requests, exact_requests
 
@@ -62,13 +60,16 @@ def plain_row(f: Feed, snap: Snapshot, row: dict[str, Any]) -> str:
     return f"{f.title} | {row['t_s']:.0f}{planned} | {counts_text(f, snap)} | {_latency_text(row)}"
 
 
-def render(f: Feed, s: Snapshot, done: bool = False) -> Text:
-    """The live region of one run: title, elapsed / planned with a bar, counts, last interval."""
-    t = Text()
-    t.append(f.title, style="bold")
-    t.append("\n  ")
+Piece = tuple[str, str]  # (text, style name; "" for none): styles become escape codes in run/region.py
+STYLES = ("bold", "green", "magenta", "grey37", "bold green", "bold yellow", "bold red", "yellow", "cyan")
+
+
+def render(f: Feed, s: Snapshot, done: bool = False) -> list[list[Piece]]:
+    """The live region of one run, as lines of styled pieces: title, elapsed / planned with a bar,
+    counts, last interval. Plain tuples, not rich Text: a redraw holds the GIL, so it is built with
+    a few f-strings (tens of microseconds) and written as one string (run/region.py)."""
     planned = f" / {f.planned_s:.0f} s" if f.planned_s else ""
-    t.append(f"{max(0.0, s.elapsed_s):6.1f} s{planned}  ")
+    line2: list[Piece] = [(f"  {max(0.0, s.elapsed_s):6.1f} s{planned}  ", "")]
     frac = None
     if f.planned_s:
         frac = min(1.0, max(0.0, s.elapsed_s) / f.planned_s)
@@ -76,23 +77,21 @@ def render(f: Feed, s: Snapshot, done: bool = False) -> Text:
         frac = min(1.0, s.sent / f.planned_requests)
     if frac is not None:
         filled = round(frac * BAR_WIDTH)
-        t.append("━" * filled, style="green" if done else "magenta")
-        t.append("━" * (BAR_WIDTH - filled), style="grey37")
-        t.append(f" {frac:4.0%}")
+        line2 += [("━" * filled, "green" if done else "magenta"), ("━" * (BAR_WIDTH - filled), "grey37"),
+                  (f" {frac:4.0%}", "")]  # fmt: skip
     if done:
-        t.append("  done", style="bold green")
+        line2.append(("  done", "bold green"))
     elif s.drain_left_s is not None:
-        t.append(f"  draining {s.in_flight} in flight: {s.drain_left_s:.0f} s left", style="bold yellow")
-    t.append("\n  ")
+        line2.append((f"  draining {s.in_flight} in flight: {s.drain_left_s:.0f} s left", "bold yellow"))
     planned_n = "" if f.planned_requests is None else (
         f" / {'' if f.exact_requests else '~'}{_n(f.planned_requests)}")  # fmt: skip
-    t.append(f"sent {_n(s.sent)}{planned_n}   in flight {_n(s.in_flight)}   ")
-    t.append(f"ok {_n(s.ok)}", style="green")
     errs = sum(s.errors.values())
     kinds = f" ({', '.join(f'{k} {v}' for k, v in sorted(s.errors.items()))})" if errs else ""
-    t.append(f"   errors {errs}{kinds}", style="bold red" if errs else "")
+    line3: list[Piece] = [
+        (f"  sent {_n(s.sent)}{planned_n}   in flight {_n(s.in_flight)}   ", ""),
+        (f"ok {_n(s.ok)}", "green"),
+        (f"   errors {errs}{kinds}", "bold red" if errs else ""),
+    ]
     if s.not_sent:
-        t.append(f"   not sent {s.not_sent}", style="yellow")
-    t.append("\n  ")
-    t.append(_latency_text(s.row), style="cyan")
-    return t
+        line3.append((f"   not sent {s.not_sent}", "yellow"))
+    return [[(f.title, "bold")], line2, line3, [("  ", ""), (_latency_text(s.row), "cyan")]]
