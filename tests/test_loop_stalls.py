@@ -36,9 +36,10 @@ def stub():
 class StallingTarget(OpenAIHTTPTarget):
     """Blocks the event loop once, as request `at_id` is sent (a target bug, as users could write)."""
 
-    def __init__(self, cfg: HTTPTargetConfig, at_id: int) -> None:
+    def __init__(self, cfg: HTTPTargetConfig, at_id: int, spin: bool = False) -> None:
         super().__init__(cfg)
         self.at_id = at_id
+        self.spin = spin  # burn the CPU (our code on the loop) instead of sleeping (a blocking call)
         self.window: tuple[float, float] | None = None  # perf_counter
         self.sent_abs: float | None = None
 
@@ -46,16 +47,20 @@ class StallingTarget(OpenAIHTTPTarget):
         if request.id == self.at_id:
             self.sent_abs = record.sent_s  # absolute until the engine rebases the finished record
             t = time.perf_counter()
-            time.sleep(STALL_S)
+            if self.spin:
+                while time.perf_counter() - t < STALL_S:
+                    pass
+            else:
+                time.sleep(STALL_S)
             self.window = (t, time.perf_counter())
         await super().send(request, record)
 
 
-def _run(stub, out, stall_at: int):
+def _run(stub, out, stall_at: int, spin: bool = False):
     cfg = RunConfig(target=stub.base_url, rate=RATE, duration_s=N / RATE, output_tokens=16, input_tokens=8,
                     arrival="constant", interval_s=1.0, quiet=True)  # fmt: skip
     http = HTTPTargetConfig.from_dict({"base_url": stub.base_url}, source="test")
-    target = StallingTarget(http, at_id=stall_at)
+    target = StallingTarget(http, at_id=stall_at, spin=spin)
     schedule = [Request(id=i, intended_s=i / RATE, input_tokens=8, output_tokens=16,
                         prompt_token_ids=list(range(100, 108))) for i in range(N)]  # fmt: skip
     res = run_in_uvloop(execute(cfg, target, schedule, out, RATE))
@@ -63,8 +68,9 @@ def _run(stub, out, stall_at: int):
     return res.summary, recs, target
 
 
-def test_a_35ms_stall_fails_the_selfcheck_and_counts_the_requests_in_flight(stub, tmp_path):
-    summary, recs, target = _run(stub, tmp_path / "stall", STALL_AT)
+@pytest.mark.parametrize("spin", [False, True], ids=["blocking-call", "busy-on-loop"])
+def test_a_35ms_stall_fails_the_selfcheck_and_counts_the_requests_in_flight(stub, tmp_path, spin):
+    summary, recs, target = _run(stub, tmp_path / "stall", STALL_AT, spin)
     assert summary["counts"]["ok"] == N
     sc = summary["selfcheck"]
     assert not sc["trustworthy"]
@@ -84,6 +90,15 @@ def test_a_35ms_stall_fails_the_selfcheck_and_counts_the_requests_in_flight(stub
     if stalls["count"] == 1:  # a busy machine can stall the loop too; then more requests are touched
         assert len(truly) <= stalls["requests_touched"] <= len(wider)
         assert set(stalls["touched_ids"]) <= wider
+    # Whose doing: the scheduler's accounts of the loop's thread in the worst window. A spin is our code
+    # running (or, on a busy machine, waiting to run); a sleep is neither.
+    worst = stalls["worst_window_ms"]
+    if spin:
+        assert worst["loop_thread_ran"] + worst["loop_thread_waited_for_cpu"] >= STALL_S * 1e3 - 3, worst
+        assert "our code on the loop" in " ".join(sc["reasons"]) or worst["loop_thread_waited_for_cpu"] > 5
+    else:
+        assert worst["loop_thread_ran"] < 10, worst
+        assert stalls["causes_ms"]["loop_thread_blocked"] >= STALL_S * 1e3 - PROBE_INTERVAL_S * 1e3, stalls
 
 
 def test_the_same_run_without_the_stall_reports_no_stall_over_the_bound(stub, tmp_path):

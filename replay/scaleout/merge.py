@@ -135,6 +135,11 @@ def merged_stalls(each: list[dict[str, Any]]) -> dict[str, Any]:
         out["total_ms"] = round(out["total_ms"] + s.get("total_ms", 0.0), 3)
         out["requests_touched"] += s.get("requests_touched", 0)
         out["touched_ids"].extend(s.get("touched_ids", [])[: 20 - len(out["touched_ids"])])
+        for k, v in (s.get("causes_ms") or {}).items():
+            causes = out.setdefault("causes_ms", {})
+            causes[k] = round(causes.get(k, 0.0) + v, 3)
+        if s.get("max_ms", 0.0) >= out["max_ms"] and s.get("worst_window_ms"):
+            out["worst_window_ms"] = s["worst_window_ms"]
     return out
 
 

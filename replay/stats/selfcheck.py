@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,10 +61,36 @@ class Stalls:
         self._recent: deque[list[Any]] = deque()  # [id, sent_s, end_s, counted]
         self.touched = 0
         self.touched_ids: list[int] = []
+        # Where the stall windows' time went, by the scheduler's accounts of the loop's thread: running
+        # (our code on the loop), runnable but waiting for a CPU (another process had it: the machine
+        # is busy), or neither (blocked: a blocking call on the loop, or the GIL held by our other
+        # threads, whose running time is counted apart). Only the waiting is not the tool's doing.
+        self.ran_s = 0.0
+        self.waited_s = 0.0
+        self.blocked_s = 0.0
+        self.other_s = 0.0
+        self.max_window: dict[str, float] = {}  # the worst stall's window and its accounts (s)
 
-    def add(self, start_s: float, end_s: float, lag_s: float) -> None:
+    def add(
+        self, start_s: float, end_s: float, lag_s: float, cpu: tuple[float, float, float] | None = None
+    ) -> None:
+        """A stall in the window [start_s, end_s]; `cpu`: what the scheduler says of that window (see
+        `LoopLagMonitor._probe`): seconds the loop's thread ran, waited runnable for a CPU, and the
+        process's other threads ran."""
         self.count += 1
         self.total_s += lag_s
+        if cpu is not None:
+            window = max(end_s - start_s, 0.0)
+            ran, waited, other = (min(max(x, 0.0), window) for x in cpu)
+            self.ran_s += ran
+            self.waited_s += waited
+            self.other_s += other
+            # The rest of the window: the loop's thread neither ran nor waited for a CPU. Beyond the
+            # probe's own sleep that is a blocking call on the loop (sleep, disk, a lock, the GIL).
+            self.blocked_s += max(window - ran - waited - PROBE_INTERVAL_S, 0.0)
+            if lag_s > self.max_s:
+                self.max_window = {"window": window, "loop_thread_ran": ran, "other_threads_ran": other,
+                                   "loop_thread_waited_for_cpu": waited}  # fmt: skip
         self.max_s = max(self.max_s, lag_s)
         if len(self._starts) < MAX_STALLS_KEPT:
             self._starts.append(start_s)
@@ -103,7 +131,30 @@ class Stalls:
             "total_ms": round(self.total_s * 1e3, 3),
             "requests_touched": self.touched,
             "touched_ids": list(self.touched_ids),
+            "causes_ms": {
+                "loop_thread_ran": round(self.ran_s * 1e3, 3),
+                "loop_thread_waited_for_cpu": round(self.waited_s * 1e3, 3),
+                "loop_thread_blocked": round(self.blocked_s * 1e3, 3),
+                "other_threads_ran": round(self.other_s * 1e3, 3),
+            },
+            "worst_window_ms": {k: round(v * 1e3, 3) for k, v in self.max_window.items()},
         }
+
+
+def _thread_schedstat() -> Callable[[], tuple[float, float]]:
+    """A reader of the calling thread's (ran, waited runnable for a CPU) seconds: Linux's per-thread
+    schedstat (one ~0.5 us pread), else its CPU clock with no waiting known."""
+    try:
+        fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        os.pread(fd, 64, 0).split()[1]
+    except (OSError, IndexError):
+        return lambda: (time.thread_time(), 0.0)
+
+    def read() -> tuple[float, float]:
+        ran, waited = os.pread(fd, 64, 0).split()[:2]
+        return int(ran) / 1e9, int(waited) / 1e9
+
+    return read
 
 
 class LoopLagMonitor:
@@ -129,14 +180,21 @@ class LoopLagMonitor:
 
     async def _probe(self) -> None:
         stall_s = self.stalls.stall_s
+        process_cpu = time.process_time
+        sched = _thread_schedstat()  # this (the loop's) thread: ran and waited-for-CPU seconds
         while True:
             t = time.perf_counter()
+            ran0, waited0 = sched()
+            c_proc = process_cpu()
             await asyncio.sleep(PROBE_INTERVAL_S)
             now = time.perf_counter()
             lag = now - t - PROBE_INTERVAL_S
             H.record_seconds(self.hist, lag)
             if lag > stall_s:
-                self.stalls.add(t - self._t0, now - self._t0, lag)
+                ran, waited = sched()
+                ran -= ran0
+                other = process_cpu() - c_proc - ran
+                self.stalls.add(t - self._t0, now - self._t0, lag, (ran, waited - waited0, other))
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -175,5 +233,22 @@ def stall_reason(stalls: dict[str, Any]) -> str | None:
         return None
     ids = ", ".join(str(i) for i in stalls.get("touched_ids", [])[:5])
     more = "" if stalls["requests_touched"] <= 5 else ", ..."
-    return (f"{stalls['count']} stall(s) over {stalls['threshold_ms']:g} ms touched "
+    line = (f"{stalls['count']} stall(s) over {stalls['threshold_ms']:g} ms touched "
             f"{stalls['requests_touched']} request(s) in flight (ids {ids}{more})")  # fmt: skip
+    return line + (f"; {cause}" if (cause := stall_cause(stalls)) else "")
+
+
+def stall_cause(stalls: dict[str, Any]) -> str | None:
+    """Whose doing the stalls were, from the scheduler's accounts of the loop's thread in their windows."""
+    c = stalls.get("causes_ms")
+    if not c:
+        return None
+    keys = ("loop_thread_ran", "loop_thread_waited_for_cpu", "loop_thread_blocked", "other_threads_ran")
+    ran, waited, blocked, other = (c.get(k, 0.0) for k in keys)
+    if ran + waited + blocked + other <= 0:
+        return None
+    main = max((ran, "mostly our code on the loop"), (other, "mostly our other threads"),
+               (waited, "mostly waiting for a CPU: the machine is busy"),
+               (blocked, "mostly a blocking call on the loop"))[1]  # fmt: skip
+    return (f"in those windows the loop's thread ran {ran:.0f} ms, waited {waited:.0f} ms for a CPU and was "
+            f"blocked {blocked:.0f} ms; our other threads ran {other:.0f} ms ({main})")  # fmt: skip
