@@ -9,7 +9,8 @@ the loop makes the syscalls a real run makes and releases the GIL as often), the
 lag probe (a 10 ms sleep, its oversleep recorded) and, in the `live` modes, the real `Display` with
 an `EngineFeed` on that workload, writing to a pseudo-terminal that a separate `cat` drains. Modes:
 `off`, then `live` at each `--hz` (2 is the display's rate; 20 gives ten times the redraws, so the
-loop meets the render thread often enough to measure it).
+loop meets the render thread often enough to measure it), then 500 redraws back to back with no
+loop (the frame's cost with warm caches; in a run the thread wakes to cold ones).
 
 What is measured, and why it holds on a busy machine: the render thread's own CPU time per redraw
 (`time.thread_time`: an upper bound on how long it can hold the GIL, whatever else runs on the box),
@@ -46,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RATE, TTFT_S, ITL_S, TOKENS = 200.0, 0.020, 0.005, 64
 CHUNK = b'data: {"choices":[{"index":0,"delta":{"content":" tok"}}]}\n\n'
 COLS, ROWS = 120, 40
+WARM_REDRAWS = 500
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -142,12 +144,30 @@ def child(mode: str, hz: float, seconds: float) -> dict[str, Any]:
 
     work = Workload()
     display = cat = None
-    if mode == "live":
+    if mode in ("live", "warm"):
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLS, 0, 0))
         cat = subprocess.Popen(["cat"], stdin=master, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(master)
         display = live.Display(os.fdopen(slave, "w"), refresh_hz=hz)
+    if mode == "warm":  # redraws back to back on this thread, no loop: the frame's cost with warm caches
+        cfg = SimpleNamespace(duration_s=seconds, requests=None, concurrency=None, drain_timeout_s=30.0)
+        feed = live.EngineFeed(live._title(cfg, RATE, "bench"), time.perf_counter(), seconds, RATE * seconds,
+                               False, 30.0, engine=work, recorder=work.recorder)  # fmt: skip
+        display.attach(feed)
+        time.sleep(0.2)  # its thread's first redraw (on attach) is done; it sleeps 1/hz after
+        gc.freeze()  # as the runner does before a run
+        del renders[:]
+        for i in range(WARM_REDRAWS):
+            work.state.dispatched = work.state.ok = i
+            display._tick()
+        drawn = renders[:WARM_REDRAWS]  # not the thread's own redraws on detach and close
+        display.detach(feed)
+        display.close()
+        display.stream.close()
+        cat.wait(timeout=10)
+        gc_events = [("replay-live" if e[0] == "MainThread" else e[0], *e[1:]) for e in gc_events]  # it drew
+        return summarise("warm", hz, 0.0, [], drawn, gc_events, [os.getloadavg()[0]] * 2)
 
     async def main() -> None:
         gc.freeze()  # as the runner does before a run
@@ -203,7 +223,7 @@ def summarise(mode: str, hz: float, seconds: float, samples: list[tuple[float, f
     gc_render = [e for e in gc_events if e[0] == "replay-live"]
     gc_loop = [e for e in gc_events if e[0] == "MainThread"]
     return {
-        "mode": mode if mode == "off" else f"live {hz:g}/s",
+        "mode": {"off": "off", "warm": f"{len(renders)} redraws back to back"}.get(mode, f"live {hz:g}/s"),
         "seconds": seconds,
         "loadavg": [round(x, 2) for x in load],
         "lag_samples": len(lags),
@@ -292,7 +312,7 @@ def main() -> int:
         return 0
     env = {**os.environ, "PYTHONPATH": str(a.replay_root.resolve())}
     rows = []
-    for mode, hz in [("off", "0")] + [("live", h) for h in a.hz.split(",")]:
+    for mode, hz in [("off", "0")] + [("live", h) for h in a.hz.split(",")] + [("warm", "0.001")]:
         r = subprocess.run([sys.executable, __file__, "--child", mode, hz, "--seconds", f"{a.seconds:g}",
                             "--replay-root", str(a.replay_root)], env=env, capture_output=True, text=True,
                            timeout=a.seconds * 5 + 120)  # fmt: skip
