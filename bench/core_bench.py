@@ -64,7 +64,16 @@ def replay_level(stub: Stub, rate: float, a: argparse.Namespace, d: Path) -> dic
         "client_cpu": round(100 * cpu / (time.monotonic() - t), 1),
         "trusted": s["selfcheck"]["trustworthy"],
         "loop_lag_max": s["selfcheck"].get("loop_lag_max_ms"),
+        "worst_stall": _worst(s["selfcheck"].get("stalls") or {}),
     }
+
+
+def _worst(stalls: dict[str, Any]) -> str | None:
+    """The worst stall's accounts (ms of its window): the loop's thread ran / waited for a CPU."""
+    w = stalls.get("worst_window_ms")
+    if not stalls.get("count") or not w:
+        return None
+    return f"{w['loop_thread_ran']:.1f} ran / {w['loop_thread_waited_for_cpu']:.1f} waited"
 
 
 def floor_level(stub: Stub, rate: float, a: argparse.Namespace, d: Path) -> dict[str, Any]:
@@ -142,6 +151,7 @@ COLS = (
     ("send_lag_p99", "send lag p99"),
     ("client_cpu", "client CPU %"),
     ("loop_lag_max", "loop lag max"),
+    ("worst_stall", "worst stall > 5 ms: loop thread ran / waited for CPU"),
     ("stub_cpu", "stub CPU %"),
     ("served_late_p99", "stub write lateness p99"),
     ("ok", "ok"),
