@@ -4,7 +4,7 @@
 
 The same 200 req/s stub run (stub on core 1, TTFT 20 ms, ITL 5 ms, 64 output tokens; `replay run`
 on core 0, one process) with the live display off (--quiet, pipes) and on (a pseudo-terminal, as a
-user's terminal: rich redraws twice a second), alternated `--repeats` times so that drift in the
+user's terminal: redrawn twice a second), alternated `--repeats` times so that drift in the
 machine's load falls on both. Side by side: the self-check figures (dispatch lag p99, loop lag
 p99/max, stalls over 5 ms, client CPU), TTFT against the stub's own served TTFT, and the display's
 own cost (`selfcheck.display`: refreshes, render time per refresh, wall time with the GIL mostly
@@ -162,7 +162,7 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]], cmp: list[dict[st
         f"Written by `bench/progress_overhead.py` on {meta['date']} (commit {meta['commit']}). Stub on core "
         f"{STUB_CORE} (TTFT 20 ms, ITL 5 ms, 64 tokens); `replay run` on core {CLIENT_CORE}, one process, "
         f"{meta['rate']:g} req/s Poisson for {meta['duration']:g} s; display off (--quiet) and live (a "
-        f"pseudo-terminal; rich, {meta['refresh_hz']:g} redraws/s), alternated, {meta['repeats']} of each.",
+        f"pseudo-terminal, {meta['refresh_hz']:g} redraws/s), alternated, {meta['repeats']} of each.",
         "",
         *loaded(rows),
         "Each cell lists the runs in order. Noise: the spread between the off runs, at least the floor "

@@ -230,3 +230,30 @@ def test_merged_rows_feed_the_display_as_workers_and_ray_do():
     assert lines[-1].startswith("m: open loop, 50 req/s, 2 workers | done in ")
     assert lines[-1].endswith("sent 140 / ~150, in flight 0, ok 138, errors 2 (http_500 2)"), lines[-1]
     assert feed.cost()["mode"] == "plain"
+
+
+def test_region_redraws_in_place_cropped_to_the_terminal_width(monkeypatch):
+    """A redraw replaces the region (no line of an earlier frame is left), lines printed above it stay,
+    and a line wider than the terminal is cut rather than wrapped (a wrap would put the next redraw
+    one line off). Truth: pyte replaying the bytes, as a 30-column terminal would show them."""
+    import pyte
+    from rich.text import Text
+
+    from replay.run.region import Region
+
+    monkeypatch.setenv("COLUMNS", "30")
+    monkeypatch.setenv("LINES", "10")
+    stream = io.StringIO()  # no file descriptor: written through the stream
+    screen = pyte.Screen(30, 10)
+    screen.set_mode(pyte.modes.LNM)  # "\n" as a terminal's ONLCR turns it into CR LF
+    feed = pyte.Stream(screen)
+    region = Region(stream)
+    region.draw([], [[("x" * 50, "")], [("ab", ""), ("cd", "bold")], [("third", "")]])
+    feed.feed(stream.getvalue())
+    assert screen.display[:4] == ["x" * 30, "abcd".ljust(30), "third".ljust(30), " " * 30]
+    stream.seek(0)
+    stream.truncate()
+    region.draw([Text("kept")], [[("second", "")]])
+    region.close()
+    feed.feed(stream.getvalue())
+    assert [r.rstrip() for r in screen.display[:4]] == ["kept", "second", "", ""]

@@ -10,8 +10,8 @@ self-check, so no part of the display runs on the loop. The thread wakes `REFRES
 second, reads the engine's counters (plain ints: safe to read from any thread under the GIL) and
 the last interval row (its percentiles were computed off the loop when the interval closed; the
 display never computes one), builds the frame as one string from prebuilt escape codes and writes
-it with one os.write (`region.Region`: tens of microseconds of CPU per redraw, where rich's Live took
-0.6-1.3 ms, all of it with the GIL held; bench/results-live-render.md), under the short GIL switch
+it with one os.write (`region.Region`: 0.2-0.3 ms of CPU per redraw mid-run, 0.02 ms with warm caches,
+where rich's Live took 0.7-1.5 ms with the GIL held; bench/results-live-render.md), under the short GIL switch
 interval of `offloop` (while it holds the GIL the loop waits at most 0.5 ms). Its own cost goes into the run's
 self-check figures (`Feed.cost()`). On the loop remain a feed's attach/detach and, for workers, one
 assignment per merged row.

@@ -67,7 +67,7 @@ STYLES = ("bold", "green", "magenta", "grey37", "bold green", "bold yellow", "bo
 def render(f: Feed, s: Snapshot, done: bool = False) -> list[list[Piece]]:
     """The live region of one run, as lines of styled pieces: title, elapsed / planned with a bar,
     counts, last interval. Plain tuples, not rich Text: a redraw holds the GIL, so it is built with
-    a few f-strings (tens of microseconds) and written as one string (run/region.py)."""
+    a few f-strings (0.01 ms warm) and written as one string (run/region.py)."""
     planned = f" / {f.planned_s:.0f} s" if f.planned_s else ""
     line2: list[Piece] = [(f"  {max(0.0, s.elapsed_s):6.1f} s{planned}  ", "")]
     frac = None

@@ -3,9 +3,10 @@ escape codes, written with one `os.write`.
 
 Why not rich's `Live`: a redraw runs on the display thread and holds the GIL while it runs, so the
 event loop (which carries the measurement) waits for it. Live re-renders its renderable through the
-console's whole pipeline (segments, line splitting and cropping, style stacks, control codes): 0.6-
-1.3 ms of CPU per redraw here (bench/results-live-render.md). This writes the same text and colours
-from prebuilt escape codes in tens of microseconds, and the write itself runs with the GIL released.
+console's whole pipeline (segments, line splitting and cropping, style stacks, control codes): 0.7-
+1.5 ms of CPU per redraw mid-run here, and collections on the render thread from its allocations
+(bench/results-live-render.md). This writes the same text and colours from prebuilt escape codes:
+0.2-0.3 ms mid-run (the thread wakes to cold caches), 0.02 ms warm; the write runs without the GIL.
 rich still decides the colour system and makes the codes (once per style, at start) and renders the
 rare lines printed above the region (a capacity step's verdict).
 
