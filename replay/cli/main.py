@@ -18,6 +18,7 @@ from replay.cli.vocab_args import add_vocab_args
 from replay.core.errors import ReplayError
 from replay.run.config import RunConfig, duration_arg
 from replay.schedule import arrivals
+from replay.schedule.classes import load_classes
 from replay.schedule.from_trace import parse_window
 from replay.stats.summary import console_table
 
@@ -61,6 +62,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--probe-rate", type=float, default=None, metavar="R",
         help="a probe stream beside the load: R requests/s (Poisson) of 32 in / 16 out, reported apart",
+    )  # fmt: skip
+    p.add_argument(
+        "--classes", type=Path, default=None, metavar="FILE",
+        help="tenants/adapters: a TOML/JSON mix of classes (name, share, model, input_tokens, "
+        "output_tokens, slo); every figure and SLO also per class",
     )  # fmt: skip
     add_vocab_args(p)
     add_prompt_args(p)
@@ -150,6 +156,8 @@ def _config(ns: argparse.Namespace) -> RunConfig:
         think_time=ns.think_time,
         follow_up_tokens=ns.follow_up_tokens,
         sessions=ns.sessions,
+        classes=ns.classes,
+        class_mix=load_classes(ns.classes) if ns.classes else (),
     )
 
 
@@ -189,6 +197,11 @@ def cmd_run(ns: argparse.Namespace) -> int:
         offered = arrivals.mean_rate(cfg.arrival_spec(), cfg.duration_s) if cfg.duration_s else cfg.rate
     if cfg.concurrency:
         offered = None  # closed loop: the server sets the pace
+    if cfg.class_mix:
+        from replay.schedule.classes import WithClasses
+        from replay.schedule.vocab import id_range
+
+        recipe = WithClasses(recipe, cfg.class_mix, cfg.seed, *id_range(vocab))
     if cfg.abandon:
         from replay.schedule.behaviour import Abandoning, AbandonSpec
 

@@ -50,8 +50,9 @@ class Request:
     # The client leaves (cancels, closing the connection) this long after the intended send time,
     # if the request is still going then; None: it stays to the end.
     abandon_after_s: float | None = None
-    klass: str | None = None  # a request class measured apart (PROBE), None: the main load
+    klass: str | None = None  # measured apart: PROBE, or a --classes class; None: the main load
     turn: int | None = None  # a conversation's turn, 1-based (metrics per turn index); None: no session
+    model: str | None = None  # the "model" to ask for (a class's adapter, --classes); None: the target's
 
 
 @dataclass(slots=True)

@@ -11,6 +11,8 @@ from typing import Any
 from replay.core.errors import ReplayError
 from replay.schedule.arrivals import ArrivalSpec
 from replay.schedule.behaviour import AbandonSpec, Dist
+from replay.schedule.classes import TrafficClass
+from replay.stats.classes import class_problems
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class RunConfig:
     think_time: str = "exp:2"
     follow_up_tokens: int = 32
     sessions: int | None = None
+    # Tenants and adapters (replay.schedule.classes): the --classes file and its parsed classes, kept
+    # here so summary.json's config says what the mix was and the summary can judge each class's SLO.
+    classes: Path | None = None
+    class_mix: tuple[TrafficClass, ...] = ()
 
     def arrival_spec(self) -> ArrivalSpec:
         return ArrivalSpec(
@@ -125,6 +131,10 @@ class RunConfig:
                 AbandonSpec.parse(self.abandon)
             except ReplayError as exc:
                 out.append(str(exc))
+        if self.class_mix:
+            out.extend(class_problems(self.class_mix, str(self.classes or "--classes")))
+            if self.turns is not None:
+                out.append("--classes: not with --turns (a session's turns would need one class each)")
         return out
 
     def _session_problems(self) -> list[str]:
@@ -155,6 +165,7 @@ class RunConfig:
         d["out"] = str(self.out) if self.out else None
         d["trace"] = str(self.trace) if self.trace else None
         d["tokenizer"] = str(self.tokenizer) if self.tokenizer else None
+        d["classes"] = str(self.classes) if self.classes else None
         return d
 
 

@@ -34,6 +34,13 @@ LATENCY_METRICS = LATENCY_METRICS + PROBE_METRICS
 # Rate metrics are stored in milli-units so the same integer histogram serves them.
 RATE_METRICS = ("output_tps",)
 METRICS = LATENCY_METRICS + RATE_METRICS
+# A --classes mix: each class's main-load latencies also go into `class.<name>.<metric>` histograms
+# (replay.stats.classes), made when the class is first seen.
+CLASS_METRICS = ("ttft", "ttft_intended", "itl", "tpot", "e2e", "e2e_intended")
+
+
+def class_metric(name: str, metric: str) -> str:
+    return f"class.{name}.{metric}"
 
 
 def _new_set() -> dict[str, HdrHistogram]:
@@ -61,6 +68,10 @@ class Counts:
     # Conversations: requests per turn index (replay.stats.turns.turn_key), every status, and ok ones.
     turn_scheduled: Counter[int] = field(default_factory=Counter)
     turn_ok: Counter[int] = field(default_factory=Counter)
+    # A --classes mix: requests per class (every status), ok ones, and errors + not sent (error_rate).
+    class_scheduled: Counter[str] = field(default_factory=Counter)
+    class_ok: Counter[str] = field(default_factory=Counter)
+    class_failed: Counter[str] = field(default_factory=Counter)
 
     def merge(self, other: Counts) -> None:
         self.scheduled += other.scheduled
@@ -80,6 +91,9 @@ class Counts:
         self.prompt_len_diffs.update(other.prompt_len_diffs)
         self.turn_scheduled.update(other.turn_scheduled)
         self.turn_ok.update(other.turn_ok)
+        self.class_scheduled.update(other.class_scheduled)
+        self.class_ok.update(other.class_ok)
+        self.class_failed.update(other.class_failed)
 
     def accounted(self) -> bool:
         """The invariant: scheduled = ok + errors (by kind) + unfinished + abandoned + not sent (by why)."""
@@ -132,6 +146,8 @@ class Recorder:
         if rec.klass == PROBE:
             self._probe(rec, h)
             return
+        if rec.klass is not None:
+            self._klass(rec, h)
         if rec.status != OK:
             return
         for name, value in (
@@ -163,6 +179,23 @@ class Recorder:
             if value is not None:
                 H.record_seconds(h[name], value)
         _record_itls(h["probe_itl"], rec)
+
+    def _klass(self, rec: RequestRecord, h: dict[str, HdrHistogram]) -> None:
+        """A request of a --classes class: counted per class; if ok, its latencies (also in the main
+        histograms) into the class's own."""
+        name = rec.klass or ""
+        for c in (self.counts, self.interval_counts):
+            c.class_scheduled[name] += 1
+            c.class_ok[name] += rec.status == OK
+            c.class_failed[name] += rec.status in (ERROR, NOT_SENT)
+        if rec.status != OK:
+            return
+        for metric, value in (("ttft", rec.ttft()), ("ttft_intended", rec.ttft_intended()),
+                              ("tpot", rec.tpot()), ("e2e", rec.e2e()),
+                              ("e2e_intended", rec.e2e_intended())):  # fmt: skip
+            if value is not None:
+                H.record_seconds(_into(h, class_metric(name, metric)), value)
+        _record_itls(_into(h, class_metric(name, "itl")), rec)
 
     def _turn(self, rec: RequestRecord, h: dict[str, HdrHistogram]) -> None:
         """A conversation turn: counted per turn index, its TTFT (ok) in that turn's histogram, made

@@ -10,6 +10,7 @@ from typing import Any
 from hdrh.histogram import HdrHistogram
 
 from replay.stats import histogram as H
+from replay.stats.classes import classes_lines, classes_section
 from replay.stats.hints import hints
 from replay.stats.plausibility import plausibility
 from replay.stats.recorder import LATENCY_METRICS, PROBE_METRICS, RATE_METRICS, Counts
@@ -103,6 +104,10 @@ def build_summary(
         summary["probe"] = probe_section(summary["metrics"], counts, config)
     if counts.turn_scheduled:  # conversations: TTFT per turn index (replay.stats.turns)
         summary["turns"] = turns_section(hists, counts.turn_scheduled, counts.turn_ok)
+    mix = config.get("class_mix")
+    if mix:  # tenants/adapters: every class's figures and SLO apart (replay.stats.classes)
+        summary["classes"] = classes_section(hists, mix, counts.class_scheduled, counts.class_ok,
+                                             counts.class_failed)  # fmt: skip
     if extra:
         summary.update(extra)
     return summary
@@ -153,6 +158,9 @@ def console_table(summary: dict[str, Any]) -> str:
     if summary.get("turns"):
         lines.append("")
         lines.extend(turns_lines(summary["turns"]))
+    if summary.get("classes"):
+        lines.append("")
+        lines.extend(classes_lines(summary["classes"]))
     c = summary["counts"]
     t = summary["throughput"]
     errs = ", ".join(f"{k}={v}" for k, v in c["errors"].items()) or "none"

@@ -69,6 +69,7 @@ class StubServer:
         self._jitter = random.Random(f"ttft-jitter-{cfg.seed}")  # its own stream: faults draw the same
         self._created = int(time.time())
         self._model_json = orjson.dumps(cfg.model)
+        self._ttft_by_model = dict(cfg.model_ttft)
         self._auth = None if cfg.api_key is None else b"Bearer " + cfg.api_key.encode()
 
     @property
@@ -101,10 +102,10 @@ class StubServer:
         elif method == b"POST" and path in (b"/v1/completions", b"/v1/chat/completions"):
             self._generate(conn, path == b"/v1/chat/completions", headers, body, t_recv, keep_alive)
         elif method == b"GET" and path == b"/v1/models":
-            entry = {"id": self.cfg.model, "object": "model", "created": self._created,
-                     "owned_by": "vllm" if self.cfg.vllm else "stub", "root": self.cfg.model,
-                     "max_model_len": 1 << 20}  # fmt: skip
-            conn.respond(200, orjson.dumps({"object": "list", "data": [entry]}), keep_alive)
+            owner = "vllm" if self.cfg.vllm else "stub"
+            data = [{"id": m, "object": "model", "created": self._created, "owned_by": owner, "root": m,
+                     "max_model_len": 1 << 20} for m in (self.cfg.model, *self._ttft_by_model)]  # fmt: skip
+            conn.respond(200, orjson.dumps({"object": "list", "data": data}), keep_alive)
         elif method == b"GET" and path == b"/health":
             conn.respond(200, b"", keep_alive, b"text/plain")
         elif method == b"GET" and path == b"/version" and self.cfg.vllm:
@@ -148,7 +149,7 @@ class StubServer:
             conn.respond(400, error_body(400, f"bad request: {exc}"), keep_alive)
             return
         model = req.get("model")
-        if model is not None and model != self.cfg.model:
+        if model is not None and model != self.cfg.model and model not in self._ttft_by_model:
             conn.respond(404, error_body(404, f"The model `{model}` does not exist."), keep_alive)
             return
         if n < 1:
@@ -169,6 +170,8 @@ class StubServer:
         s = Stream(conn, t_recv, keep_alive)
         s.n, s.chat, s.prompt_tokens, s.fault = n, chat, prompt_tokens, fault
         s.request_id = _request_id(req, headers)
+        s.ttft_s = self._ttft_by_model.get(model, self.cfg.ttft_s)
+        self.truth.by_model[model or self.cfg.model] += 1
         s.stream = bool(req.get("stream"))
         opts = req.get("stream_options") or {}
         s.usage = s.stream and self.cfg.usage and bool(opts.get("include_usage"))
@@ -211,9 +214,9 @@ class StubServer:
         self.truth.queue.record_value(int((now - s.t_recv) * 1e6))
         if s.stream:
             s.conn.write(_STREAM_HEAD)
-            self._push(s.base + self.cfg.ttft_s, s)
+            self._push(s.base + s.ttft_s, s)
         else:
-            self._push(s.base + self.cfg.ttft_s + (s.n - 1) * self.cfg.itl_s, s)
+            self._push(s.base + s.ttft_s + (s.n - 1) * self.cfg.itl_s, s)
 
     def _release(self) -> None:
         self._active -= 1
@@ -292,7 +295,7 @@ class StubServer:
             self.truth.served += 1
             self._end(s, now)
         else:
-            self._push(s.base + cfg.ttft_s + c * cfg.itl_s, s)
+            self._push(s.base + s.ttft_s + c * cfg.itl_s, s)
 
     def _emit_burst(self, s: Stream, due: float, now: float) -> None:
         """ITL 0: every remaining event (chunk by chunk, as `_emit` shapes them) in one write. A burst

@@ -112,6 +112,8 @@ def _parse_args(argv: list[str] | None) -> tuple[StubConfig, str, int]:
     ap.add_argument("--continuous-usage", action="store_true", help="honour continuous_usage_stats (vLLM)")
     ap.add_argument("--vllm", action="store_true", help="look like vLLM: GET /version, owned_by vllm")
     ap.add_argument("--model", default="stub-model")
+    ap.add_argument("--model-ttft-ms", action="append", default=[], metavar="NAME=MS",
+                    help="serve model NAME too, first token MS after admission (repeatable)")  # fmt: skip
     ap.add_argument("--spin-ms", type=float, default=1.0, help="poll the loop this long before each write")
     ap.add_argument(
         "--fault",
@@ -128,10 +130,25 @@ def _parse_args(argv: list[str] | None) -> tuple[StubConfig, str, int]:
     cfg = StubConfig(ttft_s=a.ttft_ms / 1e3, itl_s=a.itl_ms / 1e3, ttft_jitter_s=a.ttft_jitter_ms / 1e3,
                      tokens_per_chunk=a.tokens_per_chunk,
                      max_concurrency=a.max_concurrency, usage=a.usage, continuous_usage=a.continuous_usage,
-                     vllm=a.vllm, model=a.model, spin_s=a.spin_ms / 1e3,
+                     vllm=a.vllm, model=a.model, model_ttft=_model_ttft(a.model_ttft_ms),
+                     spin_s=a.spin_ms / 1e3,
                      faults=tuple(parse_fault_rule(f) for f in a.fault), seed=a.seed,
                      api_key=a.api_key, vocab_size=a.vocab_size)  # fmt: skip
     return cfg, a.host, a.port
+
+
+def _model_ttft(items: list[str]) -> tuple[tuple[str, float], ...]:
+    out = []
+    for item in items:
+        name, _, ms = item.partition("=")
+        try:
+            v = float(ms) / 1e3
+        except ValueError:
+            v = -1.0
+        if not name or not v >= 0:
+            raise ReplayError(f"--model-ttft-ms: {item!r}: expected NAME=MS, e.g. adapter-a=80")
+        out.append((name, v))
+    return tuple(out)
 
 
 async def _serve(cfg: StubConfig, host: str, port: int) -> None:

@@ -38,6 +38,9 @@ class StubConfig:
     continuous_usage: bool = False  # honour stream_options.continuous_usage_stats (vLLM extension)
     vllm: bool = False  # look like vLLM: GET /version, models owned_by "vllm"
     model: str = "stub-model"
+    # More models served beside `model`, each with its own TTFT in seconds (a LoRA adapter that costs
+    # more, a tenant on a slower route): tests of per-class figures key the truth on the model name.
+    model_ttft: tuple[tuple[str, float], ...] = ()
     # Wake this long before a write is due and poll the loop until it is: loop timers have ~1 ms
     # resolution, polling keeps writes within microseconds of the schedule while I/O still runs.
     spin_s: float = 0.001
@@ -55,7 +58,7 @@ class Stream:
     __slots__ = (
         "conn", "n", "sent", "base", "t_recv", "t_admit", "t_first", "t_prev", "head", "chat", "stream",
         "usage", "continuous", "prompt_tokens", "fault", "dead", "admitted", "keep_alive",
-        "t_head", "request_id",
+        "t_head", "request_id", "ttft_s",
     )  # fmt: skip
 
     def __init__(self, conn: Conn, t_recv: float, keep_alive: bool) -> None:
@@ -79,6 +82,7 @@ class Stream:
         self.dead = False
         self.admitted = False
         self.request_id: str | None = None  # the client's own id (vLLM's request_id / X-Request-Id)
+        self.ttft_s = 0.0  # its model's TTFT (StubConfig.ttft_s, or model_ttft's)
 
 
 def content_event(s: Stream, c: int) -> bytes:

@@ -116,6 +116,7 @@ class Truth:
         self.chunks = 0
         self.writes_while_paused = 0  # writes into a full socket buffer: the client was not reading
         self.faults: Counter[str] = Counter()
+        self.by_model: Counter[str] = Counter()  # requests received per model name asked for
         self.out_of_vocab = 0  # refused: a prompt token id >= --vocab-size (HTTP 400, as vLLM)
         # Per request: (t_received, t_admitted, t_first_token, t_end, tokens, client request id or
         # None), perf_counter seconds (CLOCK_MONOTONIC: the clock of every process on the host); the
@@ -183,6 +184,7 @@ class Truth:
             "writes_while_paused": self.writes_while_paused,
             "faults": dict(self.faults),
             "out_of_vocab": self.out_of_vocab,
+            "by_model": dict(self.by_model),
             "ttft_ms": H.summary_ms(self.ttft),
             "itl_ms": H.summary_ms(self.itl),
             "queue_ms": H.summary_ms(self.queue),

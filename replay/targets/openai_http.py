@@ -195,7 +195,7 @@ class OpenAIHTTPTarget:
 
     def _body(self, request: Request) -> bytes:
         n = request.output_tokens
-        body: dict[str, Any] = {"model": self.model, "max_tokens": n, "stream": True}
+        body: dict[str, Any] = {"model": request.model or self.model, "max_tokens": n, "stream": True}
         ids = request.prompt_token_ids
         if self._chat:
             text = request.prompt_text
