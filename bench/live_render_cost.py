@@ -148,6 +148,9 @@ def child(mode: str, hz: float, seconds: float) -> dict[str, Any]:
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLS, 0, 0))
         cat = subprocess.Popen(["cat"], stdin=master, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        others = set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)
+        if others:  # pinned (--core): the terminal's reader runs elsewhere, as a user's terminal would
+            os.sched_setaffinity(cat.pid, others)
         os.close(master)
         display = live.Display(os.fdopen(slave, "w"), refresh_hz=hz)
     if mode == "warm":  # redraws back to back on this thread, no loop: the frame's cost with warm caches
@@ -282,7 +285,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
     ]
     for label, run in doc["labels"].items():
-        lines += [f"## {label}", "", f"{run['date']}, commit {run['commit']}, {run['seconds']:g} s per mode.",
+        lines += [f"## {label}", "", f"{run['date']}, commit {run['commit']}, {run['seconds']:g} s per mode"
+                  + (f", pinned to core {run['core']}." if run.get("core") is not None else ", not pinned."),
                   "", "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]  # fmt: skip
         for r in run["rows"]:
             lines.append("| " + " | ".join(str(r.get(k)) for k, _ in COLUMNS) + " |")
@@ -304,17 +308,22 @@ def main() -> int:
     ap.add_argument("--label", default="current", help="the runs' heading in the results (kept by label)")
     ap.add_argument("--replay-root", type=Path, default=ROOT, help="the checkout whose replay is measured")
     ap.add_argument("--out", type=Path, default=ROOT / "bench")
+    ap.add_argument("--core", type=int, help="pin the measured process to this core (as progress_overhead "
+                    "pins `replay run`); the terminal's reader goes to the others")  # fmt: skip
     ap.add_argument("--child", nargs=2, metavar=("MODE", "HZ"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     sys.path.insert(0, str(a.replay_root.resolve()))
     if a.child:
+        if a.core is not None:
+            os.sched_setaffinity(0, {a.core})
         print(json.dumps(child(a.child[0], float(a.child[1]), a.seconds)))
         return 0
     env = {**os.environ, "PYTHONPATH": str(a.replay_root.resolve())}
     rows = []
+    pin = [] if a.core is None else ["--core", str(a.core)]
     for mode, hz in [("off", "0")] + [("live", h) for h in a.hz.split(",")] + [("warm", "0.001")]:
         r = subprocess.run([sys.executable, __file__, "--child", mode, hz, "--seconds", f"{a.seconds:g}",
-                            "--replay-root", str(a.replay_root)], env=env, capture_output=True, text=True,
+                            "--replay-root", str(a.replay_root), *pin], env=env, capture_output=True, text=True,
                            timeout=a.seconds * 5 + 120)  # fmt: skip
         if r.returncode != 0:
             raise SystemExit(f"{mode} {hz}: exit {r.returncode}: {r.stderr[-2000:]}")
@@ -325,7 +334,7 @@ def main() -> int:
     path = a.out / "results-live-render.json"
     doc = json.loads(path.read_text()) if path.exists() else {"labels": {}}
     doc["labels"][a.label] = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "commit": commit,
-                              "seconds": a.seconds, "rows": rows}  # fmt: skip
+                              "seconds": a.seconds, "core": a.core, "rows": rows}  # fmt: skip
     a.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1) + "\n")
     md = markdown(doc)
