@@ -181,7 +181,15 @@ def _probe_table(doc: dict[str, Any]) -> str:
 
 
 def run_html(run_dir: Path, summary: dict[str, Any]) -> str:
-    from replay.report.markdown import TURN_HEADER, TURN_NOTE, run_key_rows, turn_rows
+    from replay.report.markdown import (
+        CLASS_HEADER,
+        CLASS_NOTE,
+        TURN_HEADER,
+        TURN_NOTE,
+        class_rows,
+        run_key_rows,
+        turn_rows,
+    )
 
     cfg = summary.get("config", {})
     title = f"Run — {cfg.get('target', '?')}"
@@ -195,6 +203,10 @@ def run_html(run_dir: Path, summary: dict[str, Any]) -> str:
     if summary.get("turns"):
         body.append("<h2>Per turn of a conversation</h2>" + _table(TURN_HEADER, turn_rows(summary)))
         body.append(f"<p class='note'>{escape(TURN_NOTE)}</p>")
+    if summary.get("classes"):
+        body.append("<h2>Per class (tenants and adapters)</h2>")
+        body.append(_table(CLASS_HEADER, class_rows(summary), left=2))
+        body.append(f"<p class='note'>{escape(CLASS_NOTE)}</p>")
     hists = {k: H.decode(v) for k, v in summary.get("histograms", {}).items()}
     body.append("<h2>Percentile distributions</h2><div class='charts'>")
     body += distribution_charts(hists, "whole run", "run")

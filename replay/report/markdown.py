@@ -325,6 +325,27 @@ def turn_rows(summary: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+CLASS_HEADER = ["class", "model", "share (drawn)", "scheduled", "ok", "TTFT p50 / p99 ms", "ITL p50 / p99 ms",
+                "E2E p50 / p99 ms", "SLO", "held"]  # fmt: skip
+CLASS_NOTE = (
+    "Tenants and adapters (--classes): each class's requests measured apart (ok requests), its SLO judged "
+    "on its own histograms; the overall figures above cover every class. Share: configured (drawn)."
+)
+
+
+def class_rows(summary: dict[str, Any]) -> list[list[Any]]:
+    """summary.json's "classes" (replay.stats.classes) as table rows, for report.md and report.html."""
+    rows = []
+    for r in summary.get("classes") or []:
+        m = r["metrics"]
+        p50_p99 = [f"{_f(m[k]['p50'])} / {_f(m[k]['p99'])}" for k in ("ttft", "itl", "e2e")]
+        held = {None: "-", True: "yes"}.get(r["slo_held"]) or "NO: " + "; ".join(r["slo_failures"])
+        drawn = "-" if r.get("share_drawn") is None else f"{r['share_drawn']:.3f}"
+        rows.append([r["name"], r["model"] or "(target's)", f"{r['share']:.3f} ({drawn})", r["scheduled"],
+                     r["ok"], *p50_p99, r["slo"] or "-", held])  # fmt: skip
+    return rows
+
+
 def run_md(summary: dict[str, Any]) -> str:
     cfg = summary.get("config", {})
     lines = [f"# Run: {cfg.get('target', '?')}", ""]
@@ -338,4 +359,8 @@ def run_md(summary: dict[str, Any]) -> str:
         lines += ["", "## Per turn of a conversation", ""]
         lines += _md_table(TURN_HEADER, turn_rows(summary))
         lines += ["", TURN_NOTE]
+    if summary.get("classes"):
+        lines += ["", "## Per class (tenants and adapters)", ""]
+        lines += _md_table(CLASS_HEADER, class_rows(summary))
+        lines += ["", CLASS_NOTE]
     return "\n".join(lines) + "\n"
