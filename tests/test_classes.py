@@ -74,6 +74,9 @@ def test_bad_class_files_fail_in_one_line_naming_file_and_field(tmp_path, capsys
     )
     err = capsys.readouterr().err.strip()
     assert rc != 0 and err.count("\n") == 0 and says in err, err
+    rc = main(["capacity", "--target", "http://127.0.0.1:9/v1", "--slo", "ttft_p99<=1s", "--classes", str(p)])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and err.count("\n") == 0 and says in err, err
 
 
 def test_class_slo_is_checked_up_front(tmp_path):
@@ -186,3 +189,40 @@ def test_per_class_figures_are_the_stubs_served_truth_per_model(tmp_path):
     assert f"| {_f(m['p50'])} / {_f(m['p99'])} |" in line and "| NO: ttft_p99<=40ms" in line
     page = html.read_text()
     assert "Per class (tenants and adapters)" in page and "NO: ttft_p99&lt;=40ms" in page
+
+
+async def test_capacity_step_passes_only_if_every_class_meets_its_slo(tmp_path):
+    """The same stub and search twice: a lax per-class SLO lets the first step pass on the overall
+    SLO; a slow class's SLO it cannot meet (its model's TTFT is 60 ms) fails that step, saying why."""
+    from replay.capacity.options import CapacityOptions
+    from replay.capacity.search import CapacitySearch
+    from replay.capacity.slo import parse_slo
+    from replay.targets.openai_http import OpenAIHTTPTarget
+
+    docs = {}
+    # Probe capped at one stream: the first step runs at about its throughput (~12 req/s), far below
+    # what the queue-less stub serves, so each class's TTFT is its model's.
+    with StubProcess(STUB) as stub:
+        for name, bound in (("lax", "200ms"), ("strict", "30ms")):
+            p = _mix(tmp_path, MIX.replace("ttft_p99<=40ms", f"ttft_p50<={bound}"), f"{name}.toml")
+            opts = CapacityOptions(slo=parse_slo("ttft_p50<=500ms"), input_tokens=16, output_tokens=4,
+                                   probe_s=1, step_s=4, warmup_s=0.5, probe_max_concurrency=1, max_steps=1,
+                                   classes=load_classes(p))  # fmt: skip
+            target = OpenAIHTTPTarget(HTTPTargetConfig(base_url=stub.base_url))
+            docs[name] = await CapacitySearch(target, opts, tmp_path / name).run()
+    for name, doc in docs.items():
+        (step,) = doc["steps"]
+        cls = {c["name"]: c for c in step["classes"]}
+        assert cls["fast"]["slo_held"] is True and cls["fast"]["scheduled"] > 0, (name, step["classes"])
+        lines = [
+            json.loads(x)
+            for x in (tmp_path / name / step["run_dir"] / "requests.jsonl").read_text().splitlines()
+        ]
+        assert {ln.get("class") for ln in lines} == {"fast", "slow"}
+        # `judgement`: what the step measured (its `verdict` is "untrusted" if the client fell behind).
+        if name == "lax":
+            assert cls["slow"]["slo_held"] is True and step["judgement"] == "pass", step["reasons"]
+        else:
+            slow_p50 = cls["slow"]["metrics"]["ttft"]["p50"]
+            assert cls["slow"]["slo_held"] is False and slow_p50 > 59.9 and step["judgement"] == "fail"
+            assert f"class slow: SLO broken: ttft_p50<=30ms (measured {slow_p50:.1f} ms)" in step["reasons"]

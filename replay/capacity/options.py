@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from replay.capacity.slo import Slo
+from replay.schedule.classes import TrafficClass
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class CapacityOptions:
     endpoint: str = "completions"
     model: str | None = None
     vocab_size: int | None = None  # prompt ids stay below it (else the target's own, else 4,096)
+    # A --classes mix (replay.schedule.classes): each step draws it, and passes only if every class
+    # with an SLO met it too (a point verdict on the step's window; step.class_verdicts).
+    classes: tuple[TrafficClass, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

@@ -47,6 +47,7 @@ from replay.core.target import Target
 from replay.run.config import RunConfig
 from replay.run.runner import execute, versions
 from replay.schedule import synthetic as schedule
+from replay.schedule.classes import with_classes
 from replay.schedule.prompts import PromptBuilder
 from replay.schedule.vocab import id_range
 
@@ -87,7 +88,7 @@ class CapacitySearch:
 
     def _schedule(self, offsets: Iterator[float], seed: int, duration_s: float) -> Iterator[Request]:
         o = self.opts
-        return schedule.synthetic(
+        reqs = schedule.synthetic(
             offsets,
             input_tokens=o.input_tokens,
             output_tokens=o.output_tokens,
@@ -95,6 +96,9 @@ class CapacitySearch:
             duration_s=duration_s,
             max_requests=None,
         )
+        if not o.classes:
+            return reqs
+        return with_classes(reqs, o.classes, seed, PromptBuilder(seed ^ 0x7E4A, self.low_id, self.high_id))
 
     def _cfg(self, seed: int, **kw: Any) -> RunConfig:
         o = self.opts
@@ -108,6 +112,7 @@ class CapacitySearch:
             endpoint=o.endpoint,
             model=o.model,
             quiet=True,
+            class_mix=o.classes,
             **kw,
         )
 

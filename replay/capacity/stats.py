@@ -37,8 +37,8 @@ def window_hists(run_dir: Path, start_s: float) -> dict[str, HdrHistogram]:
                 begin = float(start)
             except ValueError:
                 raise ReplayError(f"{path}:{no}: not an interval-log line") from None
-            if name in out and begin >= start_s - 1e-6:
-                out[name].add(H.decode(enc))
+            if (name in out or name.startswith("class.")) and begin >= start_s - 1e-6:  # class: --classes
+                out.setdefault(name, H.new()).add(H.decode(enc))
     return out
 
 

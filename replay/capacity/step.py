@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,7 @@ from replay.run.config import RunConfig
 from replay.run.runner import execute
 from replay.schedule import arrivals
 from replay.stats import histogram as H
+from replay.stats.classes import classes_section
 from replay.stats.scrape import MetricsScraper
 
 DRAIN_POLL_S = 0.25
@@ -134,11 +137,15 @@ class StepRunner:
             judged = [t.judge(w0, end, watch.alpha, 0, watch.min_batch_s()) for t in watch.tallies]
             sat = saturation(lines, w0, end, self.baseline_ttft_s, watch.alpha)
             verdict = combine([p.verdict for p in judged] + [sat.verdict_as_bound])
+        classes = class_verdicts(o.classes, hists, lines, w0, end)
+        broken = [f"class {c['name']}: SLO broken: {f}" for c in classes for f in c.get("slo_failures", [])]
+        if broken and verdict == "pass":
+            verdict = "fail"  # every class must meet its own SLO
         parts = [p.to_json() for p in judged]
         for p, b in zip(parts, o.slo.bounds, strict=True):
             p["value_interval"] = _value_interval(b, hists, p, watch.alpha)
         trusted = bool(summary["selfcheck"]["trustworthy"])
-        reasons = _reasons(parts, sat)
+        reasons = _reasons(parts, sat) + broken
         if stopped:
             at = max(0.0, (watch.stopped_at or end) - w0)
             reasons.insert(0, f"stopped at {at:.0f} s: {watch.abort_reason}")
@@ -167,12 +174,33 @@ class StepRunner:
             "achieved_req_s": round(len(ended_ok(lines, w0, end)) / span, 4) if span > 0 else None,
             "saturation": sat.to_json(),
             "latency_ms": latency_ms(hists),
+            **({"classes": classes} if classes else {}),
             "trustworthy": trusted,
             "warnings": [],
         }
 
 
 CURVE_METRICS = ("ttft", "ttft_intended", "itl", "tpot", "e2e", "e2e_intended")
+
+
+def class_verdicts(mix: Any, hists: dict[str, Any], lines: list[dict[str, Any]], w0: float,
+                   end: float) -> list[dict[str, Any]]:  # fmt: skip
+    """Each --classes class over the step's window (requests intended in [w0, end); its histograms
+    less the warm-up): counts, latencies and its SLO's point verdict on its own histograms. No
+    confidence interval per class: a class's share of a step is few samples for a p99."""
+    if not mix:
+        return []
+    sched: Counter[str] = Counter()
+    ok: Counter[str] = Counter()
+    failed: Counter[str] = Counter()
+    for ln in lines:
+        k = ln.get("class")
+        if k is None or not w0 <= ln["intended_s"] < end:
+            continue
+        sched[k] += 1
+        ok[k] += ln["status"] == "ok"
+        failed[k] += ln["status"] in ("error", "not_sent")
+    return classes_section(hists, [asdict(c) for c in mix], sched, ok, failed)
 
 
 def latency_ms(hists: dict[str, Any]) -> dict[str, dict[str, Any]]:

@@ -60,6 +60,10 @@ def add_capacity_subparsers(subparsers: Any) -> None:
     p.add_argument("--headroom", type=_fraction, default=0.2, help="spare capacity over the peak (20%%)")
     p.add_argument("--endpoint", default="completions", choices=("completions", "chat"))
     p.add_argument("--model", default=None)
+    p.add_argument(
+        "--classes", type=Path, default=None, metavar="FILE",
+        help="a tenant/adapter mix (as in replay run); a step passes only if every class meets its SLO",
+    )  # fmt: skip
     add_vocab_args(p)
     p.add_argument(
         "--out", type=Path, default=None, help="output directory (default runs/<stamp>-capacity-…)"
@@ -81,7 +85,9 @@ def add_capacity_subparsers(subparsers: Any) -> None:
 def _options(ns: argparse.Namespace) -> Any:
     from replay.capacity.options import CapacityOptions
     from replay.capacity.slo import parse_slo
+    from replay.schedule.classes import load_classes
     from replay.schedule.vocab import tokenizer_vocab_size
+    from replay.stats.classes import class_problems
 
     slo = parse_slo(ns.slo)
     problems = []
@@ -104,6 +110,8 @@ def _options(ns: argparse.Namespace) -> Any:
     bad_vocab = vocab_problem(ns.vocab_size)
     if bad_vocab:
         problems.append(bad_vocab)
+    classes = load_classes(ns.classes) if ns.classes else ()
+    problems.extend(class_problems(classes, str(ns.classes)))
     if problems:
         raise ReplayError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     return CapacityOptions(
@@ -126,6 +134,7 @@ def _options(ns: argparse.Namespace) -> Any:
         endpoint=ns.endpoint,
         model=ns.model,
         vocab_size=tokenizer_vocab_size(ns.tokenizer) if ns.tokenizer else ns.vocab_size,
+        classes=classes,
     )
 
 
