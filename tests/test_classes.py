@@ -226,3 +226,22 @@ async def test_capacity_step_passes_only_if_every_class_meets_its_slo(tmp_path):
             slow_p50 = cls["slow"]["metrics"]["ttft"]["p50"]
             assert cls["slow"]["slo_held"] is False and slow_p50 > 59.9 and step["judgement"] == "fail"
             assert f"class slow: SLO broken: ttft_p50<=30ms (measured {slow_p50:.1f} ms)" in step["reasons"]
+
+
+def test_command_line_run_over_two_workers_counts_each_class_as_the_stub_saw_it(tmp_path, capsys):
+    """`replay run --classes` end to end, two worker processes: the merged summary's per-class counts
+    are the stub's per-model counts, and each class's TTFT histogram holds its own model's TTFTs."""
+    p = _mix(tmp_path)
+    with StubProcess(STUB) as stub:
+        rc = main(["run", "--target", stub.base_url, "--classes", str(p), "--rate", "30", "--duration", "3",
+                   "--workers", "2", "--seed", "9", "--out", str(tmp_path / "run"), "--quiet"])  # fmt: skip
+        doc = truth(stub.base_url)
+    assert rc == 0, capsys.readouterr().err
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    cls = {r["name"]: r for r in s["classes"]}
+    assert s["workers"]["count"] == 2 and s["counts"]["accounted"]
+    assert doc["by_model"] == {"stub-model": cls["fast"]["scheduled"], "slowm": cls["slow"]["scheduled"]}
+    assert cls["fast"]["ok"] + cls["slow"]["ok"] == s["counts"]["ok"] == doc["served"]
+    # Served 10 ms vs 60 ms: the fast class's max below the slow class's minimum.
+    assert cls["fast"]["metrics"]["ttft"]["max"] < 50.0 < 59.9 < cls["slow"]["metrics"]["ttft"]["min"]
+    assert "slow: SLO broken" in capsys.readouterr().out
