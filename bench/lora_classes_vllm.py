@@ -12,7 +12,8 @@ format is all vLLM reads. The server loads them with `--enable-lora --lora-modul
 temperature 0) checks that the adapters are applied: their texts must differ from the base's.
 
 Classes (config order): base 40% (64 in / 32 out), a 30% (64 in / 32 out: the base's shape, so
-base vs a is the adapter's cost), b 30% (256 in / 16 out). Writes bench/results-lora-classes.md/.json
+base vs a is the adapter's cost), b 30% (256 in / 16 out, and a TTFT SLO of 100 ms, near its p50 of
+~80 ms here: expected to break, a per-class verdict the overall figures alone would not give). Writes bench/results-lora-classes.md/.json
 (the run directory: runs/bench-lora-classes/run).
 """
 
@@ -60,7 +61,7 @@ share = 0.3
 model = "b"
 input_tokens = 256
 output_tokens = 16
-slo = "ttft_p99<=500ms, e2e_p99<=2s"
+slo = "ttft_p99<=100ms, e2e_p99<=2s"  # tight: near its TTFT p50 (~80 ms at 256 in)
 """
 
 
@@ -112,7 +113,12 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rate", type=float, default=6.0)
     ap.add_argument("--duration", type=float, default=40.0)
+    ap.add_argument("--render", action="store_true", help="re-render the .md from the saved .json only")
     a = ap.parse_args()
+    if a.render:
+        doc = json.loads((ROOT / "bench" / "results-lora-classes.json").read_text())
+        write_results("results-lora-classes", render(doc), doc)
+        return 0
     load0, t0 = loadavg(), time.monotonic()
     if OUT.exists():
         shutil.rmtree(OUT)
@@ -217,6 +223,10 @@ def render(doc: dict) -> list[str]:
               f"{o['itl']['p99']} | {o['e2e']['p50']} / {o['e2e']['p99']} | | |")  # fmt: skip
     la0, la1 = doc["load_average_at_start"], doc["load_average_at_end"]
     md += [
+        "",
+        "b's TTFT bound (100 ms) sits near its p50 (256-token prompts): it is there to show a per-class "
+        "verdict that the overall figures alone would not give; whether it holds depends on the machine "
+        "(a run at load 1.0-2.8 read b's TTFT p99 136 ms, the one above more).",
         "",
         f"Load average {la0[0]} / {la0[1]} / {la0[2]} at start, {la1[0]} at end ({doc['machine']}); run at the "
         "lowest CPU priority beside other work, so the latencies are for a rerun on a quiet machine; the "
