@@ -225,8 +225,8 @@ def render(doc: dict) -> list[str]:
     md += [
         "",
         "b's TTFT bound (100 ms) sits near its p50 (256-token prompts): it is there to show a per-class "
-        "verdict that the overall figures alone would not give; whether it holds depends on the machine "
-        "(a run at load 1.0-2.8 read b's TTFT p99 136 ms, the one above more).",
+        "verdict that the overall figures alone would not give; whether it holds depends on the machine's "
+        "load (a quiet rerun may see it hold).",
         "",
         f"Load average {la0[0]} / {la0[1]} / {la0[2]} at start, {la1[0]} at end ({doc['machine']}); run at the "
         "lowest CPU priority beside other work, so the latencies are for a rerun on a quiet machine; the "
