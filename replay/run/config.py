@@ -133,8 +133,6 @@ class RunConfig:
                 out.append(str(exc))
         if self.class_mix:
             out.extend(class_problems(self.class_mix, str(self.classes or "--classes")))
-            if self.turns is not None:
-                out.append("--classes: not with --turns (a session's turns would need one class each)")
         return out
 
     def _session_problems(self) -> list[str]:

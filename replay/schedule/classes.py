@@ -14,9 +14,11 @@ The file is TOML or JSON (by suffix; `.json` is JSON, anything else TOML), one t
     slo = "ttft_p99<=500ms"  # optional: judged per class in the summary and by `replay capacity`
 
 JSON: `{"class": [{...}, ...]}` or a bare list. Each request is drawn into a class by a seeded uniform
-of (seed, request id) (replay.schedule.behaviour.uniforms), the same in every worker process, so the
-classes' arrivals are independent thinnings of the one arrival process (each Poisson, rate x share).
-A class that sets lengths gets its prompt rebuilt at that length by the shared prompt builder.
+of (seed, request id) (replay.schedule.behaviour.uniforms; a conversation's turns by their session's
+first-turn id, so a session keeps one class), the same in every worker process, so the classes'
+arrivals are independent thinnings of the one arrival process (each Poisson, rate x share).
+A class that sets lengths gets its prompt rebuilt at that length by the shared prompt builder (a
+session's first turn only: later turns keep the grown context, and take the class's output length).
 
 Errors name the file and the class and field (or the TOML/JSON line), in one line.
 """
@@ -36,6 +38,7 @@ from replay.core.errors import ReplayError
 from replay.core.request import PROBE, Request
 from replay.schedule.behaviour import uniforms
 from replay.schedule.prompts import DEFAULT_HIGH_ID, DEFAULT_LOW_ID, PromptBuilder
+from replay.schedule.sessions import turn_of
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _FIELDS = {"name", "share", "model", "input_tokens", "output_tokens", "slo"}
@@ -127,6 +130,11 @@ def picker(classes: tuple[TrafficClass, ...], seed: int) -> Any:
     return pick
 
 
+def _draw_key(req: Request) -> int:
+    """The id a request's class is drawn by: a session turn's session (its first turn's id)."""
+    return req.id - turn_of(req.id) if req.session_id is not None else req.id
+
+
 def with_classes(schedule: Iterable[Request], classes: tuple[TrafficClass, ...], seed: int,
                  prompts: PromptBuilder) -> Iterator[Request]:  # fmt: skip
     """The same requests, each tagged with its drawn class (klass, model) and given that class's
@@ -136,11 +144,12 @@ def with_classes(schedule: Iterable[Request], classes: tuple[TrafficClass, ...],
         if req.klass == PROBE:
             yield req
             continue
-        c = pick(req.id)
+        c = pick(_draw_key(req))
         req.klass, req.model = c.name, c.model
         if c.output_tokens is not None:
             req.output_tokens = c.output_tokens
-        if c.input_tokens is not None and c.input_tokens != req.input_tokens:
+        later_turn = req.session_id is not None and turn_of(req.id) > 0  # its prompt is the grown context
+        if c.input_tokens is not None and c.input_tokens != req.input_tokens and not later_turn:
             req.input_tokens = c.input_tokens
             req.prompt_token_ids = prompts.prompt(req.id, c.input_tokens)
             req.prompt_text = None
@@ -162,5 +171,26 @@ class WithClasses:
         return with_classes(self.inner(index, count), self.classes, self.seed, prompts)
 
     @property
+    def follow_up(self) -> Any:
+        """The inner recipe's follow-ups (a session's later turns), each in its session's class."""
+        inner = getattr(self.inner, "follow_up", None)
+        if inner is None:
+            return None
+
+        def follow(req: Request, end_s: float, output_tokens: int) -> Request | None:
+            nxt = inner(req, end_s, output_tokens)
+            return None if nxt is None else next(self._tag((nxt,)))
+
+        return follow
+
+    @property
     def remainder(self) -> Any:
-        return getattr(self.inner, "remainder", None)
+        """The inner recipe's never-made turns, counted in their session's class."""
+        inner = getattr(self.inner, "remainder", None)
+        if inner is None:
+            return None
+        return lambda req, at_s: self._tag(inner(req, at_s))
+
+    def _tag(self, reqs: Iterable[Request]) -> Iterator[Request]:
+        prompts = PromptBuilder(self.seed ^ _PROMPT_SALT, self.low_id, self.high_id)
+        return with_classes(reqs, self.classes, self.seed, prompts)
