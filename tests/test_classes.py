@@ -32,7 +32,7 @@ name = "fast"
 share = 7
 input_tokens = 32
 output_tokens = 8
-slo = "ttft_p99<=40ms"
+slo = "ttft_p50<=40ms"
 
 [[class]]
 name = "slow"
@@ -40,7 +40,7 @@ share = 3
 model = "slowm"
 input_tokens = 96
 output_tokens = 24
-slo = "ttft_p99<=40ms, error_rate<=1%"
+slo = "ttft_p50<=40ms, error_rate<=1%"
 """
 
 
@@ -146,11 +146,12 @@ def test_per_class_figures_are_the_stubs_served_truth_per_model(tmp_path):
             (r["input_tokens"], r["output_tokens"]) == (n_in, n_out) for r in mine
         )  # as the server counted
         pr = pair(mine, served)
-        # The stub's served TTFT for this class's requests is its model's: never early, at the median
-        # on time, and the classes never overlap (the stub writes late only under CPU contention).
+        # The stub's served TTFT for this class's requests is its model's: never early, on time at the
+        # median (the stub writes late only when starved of CPU, so no bound on the max). Every slow
+        # request served at >= 60 ms and the stub's per-model counts equal to the classes' (above):
+        # every request went to its class's model.
         srv_ms = (pr.written - pr.recv) * 1e3
         assert srv_ms.min() > want_ttft_ms - 0.1 and abs(np.median(srv_ms) - want_ttft_ms) < 1.0, (k, srv_ms)
-        assert k == "slow" or srv_ms.max() < 50.0, srv_ms.max()
         # ... and the client's TTFT for them is that plus transit, request by request.
         assert pct(pr.ttft_err_ms, SHIFT_Q) < 1.0 and pr.ttft_err_ms.min() > -1e-3, (
             k,
@@ -169,26 +170,27 @@ def test_per_class_figures_are_the_stubs_served_truth_per_model(tmp_path):
     # Overall figures stay, over both classes.
     assert s["metrics"]["ttft"]["count"] == n and s["metrics"]["itl"]["count"] == sum(
         cls[k]["metrics"]["itl"]["count"] for k in cls)  # fmt: skip
-    # Per-class SLO on its own histograms: the 10 ms class holds ttft_p99<=40ms, the 60 ms one does not.
+    # Per-class SLO on its own histograms: the 10 ms class holds ttft_p50<=40ms, the 60 ms one does not
+    # (a median: a starved stub's odd late write cannot move it).
     assert cls["fast"]["slo_held"] is True and cls["slow"]["slo_held"] is False
     assert cls["slow"]["slo_failures"] == [
-        f"ttft_p99<=40ms (measured {cls['slow']['metrics']['ttft']['p99']:.1f} ms)"
+        f"ttft_p50<=40ms (measured {cls['slow']['metrics']['ttft']['p50']:.1f} ms)"
     ]
     table = console_table(s)
     assert (
         "fast" in table
         and "held" in table
         and "BROKEN" in table
-        and "slow: SLO broken: ttft_p99<=40ms" in table
+        and "slow: SLO broken: ttft_p50<=40ms" in table
     )
     assert s["config"]["class_mix"][1]["model"] == "slowm"
     # The reports render the summary's per-class figures and verdicts.
     html, md = render(tmp_path / "run")
     line = next(ln for ln in md.read_text().splitlines() if ln.startswith("| slow |"))
     m = cls["slow"]["metrics"]["ttft"]
-    assert f"| {_f(m['p50'])} / {_f(m['p99'])} |" in line and "| NO: ttft_p99<=40ms" in line
+    assert f"| {_f(m['p50'])} / {_f(m['p99'])} |" in line and "| NO: ttft_p50<=40ms" in line
     page = html.read_text()
-    assert "Per class (tenants and adapters)" in page and "NO: ttft_p99&lt;=40ms" in page
+    assert "Per class (tenants and adapters)" in page and "NO: ttft_p50&lt;=40ms" in page
 
 
 async def test_capacity_step_passes_only_if_every_class_meets_its_slo(tmp_path):
@@ -204,7 +206,7 @@ async def test_capacity_step_passes_only_if_every_class_meets_its_slo(tmp_path):
     # what the queue-less stub serves, so each class's TTFT is its model's.
     with StubProcess(STUB) as stub:
         for name, bound in (("lax", "200ms"), ("strict", "30ms")):
-            p = _mix(tmp_path, MIX.replace("ttft_p99<=40ms", f"ttft_p50<={bound}"), f"{name}.toml")
+            p = _mix(tmp_path, MIX.replace("ttft_p50<=40ms", f"ttft_p50<={bound}"), f"{name}.toml")
             opts = CapacityOptions(slo=parse_slo("ttft_p50<=500ms"), input_tokens=16, output_tokens=4,
                                    probe_s=1, step_s=4, warmup_s=0.5, probe_max_concurrency=1, max_steps=1,
                                    classes=load_classes(p))  # fmt: skip
@@ -242,6 +244,21 @@ def test_command_line_run_over_two_workers_counts_each_class_as_the_stub_saw_it(
     assert s["workers"]["count"] == 2 and s["counts"]["accounted"]
     assert doc["by_model"] == {"stub-model": cls["fast"]["scheduled"], "slowm": cls["slow"]["scheduled"]}
     assert cls["fast"]["ok"] + cls["slow"]["ok"] == s["counts"]["ok"] == doc["served"]
-    # Served 10 ms vs 60 ms: the fast class's max below the slow class's minimum.
-    assert cls["fast"]["metrics"]["ttft"]["max"] < 50.0 < 59.9 < cls["slow"]["metrics"]["ttft"]["min"]
+    # Served 10 ms vs 60 ms: the slow class never under 60 ms, the fast one's median near 10 ms.
+    assert cls["fast"]["metrics"]["ttft"]["p50"] < 20.0 and cls["slow"]["metrics"]["ttft"]["min"] > 59.9
     assert "slow: SLO broken" in capsys.readouterr().out
+
+
+def test_a_class_model_the_server_does_not_serve_fails_in_one_line_before_any_load(tmp_path, capsys):
+    p = _mix(tmp_path, MIX.replace('model = "slowm"', 'model = "slowm-typo"'))
+    with StubProcess(STUB) as stub:
+        rc = main(["run", "--target", stub.base_url, "--classes", str(p), "--rate", "10", "--duration", "1",
+                   "--out", str(tmp_path / "run"), "--quiet"])  # fmt: skip
+        doc = truth(stub.base_url)
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and err.count("\n") == 0, err
+    assert (
+        err
+        == f"replay: error: --classes: model 'slowm-typo' not served by {stub.base_url} (stub-model, slowm)"
+    )
+    assert doc["received"] == 0  # nothing was sent

@@ -149,7 +149,8 @@ def cmd_capacity(ns: argparse.Namespace) -> int:
     demand = trace_demand(ns.trace, ns.peak_window, ns.peak_quantile) if ns.trace else None
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", ns.target.split("://")[-1]).strip("_") or "target"
     out = ns.out or Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-capacity-{name}"
-    target = load_target(ns.target, out, {"endpoint": ns.endpoint, "model": ns.model})
+    models = sorted({c.model for c in opts.classes if c.model}) or None  # --classes: checked at start
+    target = load_target(ns.target, out, {"endpoint": ns.endpoint, "model": ns.model, "also_models": models})
     from replay.run import live
 
     with live.session(ns.quiet) as display:  # each run's live progress; step verdicts above it

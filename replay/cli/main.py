@@ -181,7 +181,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
             problems[0] + (f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else "")
         )
     run_dir = cfg.out or default_run_dir(cfg.target)
-    overrides = {"endpoint": cfg.endpoint, "model": cfg.model, "model_dir": ns.model_dir}
+    overrides = {"endpoint": cfg.endpoint, "model": cfg.model, "model_dir": ns.model_dir,
+                 "also_models": sorted({c.model for c in cfg.class_mix if c.model}) or None}  # fmt: skip
     target = load_target(cfg.target, run_dir, overrides)
     vocab, _ = resolve_vocab(cfg.vocab_size, cfg.tokenizer, getattr(target, "vocab_size", None))
     recipe: Any

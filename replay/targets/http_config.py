@@ -17,6 +17,9 @@ ENDPOINTS = ("completions", "chat")
 class HTTPTargetConfig:
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str | None = None  # None: the first id from GET {base_url}/models
+    # More model names requests ask for (a --classes mix's adapters): checked against GET /models at
+    # start, so a typo fails in one line before any load instead of as a run of HTTP 404s.
+    also_models: tuple[str, ...] = ()
     endpoint: str = "completions"  # or "chat"
     api_key_env: str | None = None  # name of the environment variable holding the key
     vllm_extensions: bool | None = None  # None: detect (GET /version, or models owned_by "vllm")

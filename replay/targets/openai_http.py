@@ -158,6 +158,10 @@ class OpenAIHTTPTarget:
         elif self.model not in ids:
             served = ", ".join(ids)
             raise ReplayError(f"{self.name}: model: {self.model!r} not served by {self.base_url} ({served})")
+        missing = [m for m in self.cfg.also_models if m not in ids]
+        if missing:
+            served = ", ".join(ids)
+            raise ReplayError(f"--classes: model {missing[0]!r} not served by {self.base_url} ({served})")
         vllm_owned = any(m.get("owned_by") == "vllm" for m in data)
         status, _, body = await self._get(self.root_url + "/version", quiet=True)
         if status == 200:

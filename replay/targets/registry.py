@@ -140,7 +140,15 @@ def _apply_overrides(kind: str, values: dict[str, Any], overrides: Mapping[str, 
     for key, value in overrides.items():
         if value is None:
             continue
-        if key == "model_dir":  # the CLI's --model-dir: what a started server or in-process target loads
+        if key == "also_models":  # a --classes mix's model names: the HTTP client checks them at start
+            if kind == "transformers":
+                raise ReplayError("--classes: a class's model needs a server target; the in-process "
+                                  "transformers target serves one model")  # fmt: skip
+            if kind == "vllm":
+                values["http"] = {**dict(values.get("http") or {}), "also_models": tuple(value)}
+            else:
+                values["also_models"] = tuple(value)
+        elif key == "model_dir":  # the CLI's --model-dir: what a started server or in-process target loads
             if kind == "openai":
                 raise ReplayError("--model-dir: an openai target serves whatever its server loaded")
             values["model" if kind == "vllm" else "model_dir"] = value
