@@ -96,7 +96,7 @@ def phase_a(url: str, samples_path: Path, run_dir: Path, rounds: int, k: int) ->
 
 def phase_b(url: str, run_dir: Path, samples_path: Path, a: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
-    cmd = [sys.executable, "-m", "replay", "run", "--target", url, "--rate", f"{a.rate:g}",
+    cmd = [*a.client_pin, sys.executable, "-m", "replay", "run", "--target", url, "--rate", f"{a.rate:g}",
            "--duration", f"{a.duration:g}", "--input-tokens", "64", "--output-tokens", "64", "--seed", "3",
            "--abandon", "0.3:exp:2", "--probe-rate", "2", "--vocab-size", "8192", "--drain-timeout", "10",
            "--interval", "5", "--out", str(run_dir), "--quiet"]  # fmt: skip
@@ -137,9 +137,18 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--rate", type=float, default=50.0)
     ap.add_argument("--duration", type=float, default=30.0)
+    ap.add_argument("--server-core", type=int, default=1,
+                    help="vLLM on this core, the client on core 0 (-1: no pinning)")  # fmt: skip
     a = ap.parse_args()
+    if a.server_core < 0:
+        a.server_core, a.client_pin = None, []
+    else:
+        a.client_pin = ["taskset", "-c", "0"]
     load_start = loadavg()
-    with tempfile.TemporaryDirectory() as tmp, vllm_server(Path(tmp) / "server.log", max_num_seqs=32) as sp:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        vllm_server(Path(tmp) / "server.log", max_num_seqs=32, core=a.server_core) as sp,
+    ):
         tmpd = Path(tmp)
         with scraper(sp.url + "/metrics", tmpd / "scrape.txt", hz=40.0) as sfile:
             time.sleep(0.5)
@@ -155,9 +164,13 @@ def main() -> int:
         f"{time.strftime('%Y-%m-%d %H:%M')}: `PYTHONPATH=. .venv/bin/python bench/abandon_vllm.py --rounds "
         f"{a.rounds} --k {a.k} --rate {a.rate:g} --duration {a.duration:g}`. vLLM-CPU, embedded tiny model "
         f"(float32, --max-num-seqs 32), /metrics scraped at {rate_hz:.1f} Hz by its own process. Load average "
-        f"(1/5/15) at start {load_start}, at end {load_end}, on a shared 2-core machine (other sessions' "
-        "work, a vLLM server among it, ran at the same time); client, server and scraper at the lowest CPU "
-        "priority (autogroup nice 19). Timing figures are sensitive to that: rerun on a quiet machine.",
+        f"(1/5/15) at start {load_start}, at end {load_end} on 2 cores (timing figures are only as good as "
+        "the machine is quiet). "
+        + (
+            f"vLLM pinned to core {a.server_core} (one OpenMP thread), the client to core 0."
+            if a.server_core is not None
+            else "No core pinning."
+        ),
         "",
         f"## A. Cancels free the server ({a.rounds} rounds of {a.k} requests, 64 in / {OUT_TOKENS} out, "
         f"all abandoned {PATIENCE_S:g} s after sending)",

