@@ -48,6 +48,7 @@ RATE, TTFT_S, ITL_S, TOKENS = 200.0, 0.020, 0.005, 64
 CHUNK = b'data: {"choices":[{"index":0,"delta":{"content":" tok"}}]}\n\n'
 COLS, ROWS = 120, 40
 WARM_REDRAWS = 500
+LOADED = 2.5  # 1-min load average above which the lags measure other processes (as progress_overhead)
 
 
 def pct(xs: list[float], q: float) -> float | None:
@@ -247,6 +248,7 @@ def summarise(mode: str, hz: float, seconds: float, samples: list[tuple[float, f
         "render_cpu_max_ms": round(max(cpu), 3) if cpu else None,
         "render_gcs": len(gc_render),
         "render_gc_max_ms": round(max((e[2] for e in gc_render), default=0.0), 3),
+        "render_gc_generations": sorted({e[1] for e in gc_render}),
         "loop_gcs": len(gc_loop),
         "loop_gc_max_ms": round(max((e[2] for e in gc_loop), default=0.0), 3),
     }
@@ -270,6 +272,7 @@ COLUMNS = (  # (key, header)
     ("render_wall_max_ms", "redraw wall max ms"),
     ("render_gcs", "GCs on the render thread"),
     ("render_gc_max_ms", "its longest GC ms"),
+    ("render_gc_generations", "their generations"),
 )
 
 
@@ -290,12 +293,19 @@ def markdown(doc: dict[str, Any]) -> str:
                   "", "| " + " | ".join(h for _, h in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]  # fmt: skip
         for r in run["rows"]:
             lines.append("| " + " | ".join(str(r.get(k)) for k, _ in COLUMNS) + " |")
+        worst = max(max(r["loadavg"]) for r in run["rows"])
+        if worst > LOADED:
+            lines += ["", f"**Loaded machine** (1-min load average up to {worst:g} on {os.cpu_count()} cores): the "
+                      "loop lags here are other processes' noise; read the redraw CPU and GC columns."]  # fmt: skip
         lines.append("")
     lines += [
         "Redraw CPU: the render thread's own CPU time for one redraw (build the frame, render, write), "
         "the most it can hold the GIL for (under the 0.5 ms switch interval the loop takes it back "
-        "sooner from Python code; a GC or a long C call is not interrupted). A lag sample overlaps a "
-        "redraw when its 10 ms window contains part of one.",
+        "sooner from Python code; a GC or a long C call is not interrupted, and a thread the OS "
+        "preempts while it holds the GIL keeps it). GCs on the render thread: collections that its "
+        "allocations started, each holding the GIL from start to end (wall ms: on a busy machine "
+        "that includes preemption). A lag sample overlaps a redraw when its 10 ms window contains "
+        "part of one.",
         "",
     ]
     return "\n".join(lines)
