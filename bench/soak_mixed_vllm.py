@@ -126,6 +126,14 @@ def log_check(run: Path, summary: dict, turns: int) -> dict:
             "server_access_log_posts": posts, "server_saw_every_sent": posts == sent}  # fmt: skip
 
 
+def autogroup_nice() -> int | None:
+    """This process's autogroup nice (the replay run it starts inherits it): 19 = lowest priority."""
+    try:
+        return int(Path("/proc/self/autogroup").read_text().split("nice")[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def git_commit() -> str:
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--", "replay", "bench/soak_mixed_vllm.py"],
@@ -192,7 +200,7 @@ def main() -> int:
     c, m, pm, sc = s["counts"], s["metrics"], s["probe"]["metrics"], s["selfcheck"]
     doc = {"smoke": smoke, "date": date, "commit": git_commit(), "machine": f"{platform.node()}, "
            f"{os.cpu_count()} cores, {platform.machine()}", "loadavg_before": load0, "loadavg_after": load1,
-           "lowest_priority": True, "wall_s": round(wall, 1), "command": "replay " + " ".join(cmd[3:]),
+           "autogroup_nice": autogroup_nice(), "wall_s": round(wall, 1), "command": "replay " + " ".join(cmd[3:]),
            "minutes": a.minutes, "offered_rate_req_s": s["offered_rate_req_s"],
            "throughput_req_s": s["throughput"]["req_s"], "counts": c, "accounting": checks, "drift": s["drift"],
            "client_memory": mem, "rss_samples": ext,
@@ -221,8 +229,9 @@ def render(d: dict, a: argparse.Namespace) -> list[str]:
         md += [f"**Smoke run: {a.minutes:g} minutes at lowest CPU priority beside other work; it checks the "
                "script end to end. The acceptance figures come from the 30-minute run on a quiet machine.**", ""]  # fmt: skip
     md += [f"{d['date']}, commit {d['commit']}, {d['machine']}; load average before {d['loadavg_before']}, "
-           f"after {d['loadavg_after']}; run at lowest CPU priority (autogroup nice 19) if started as the "
-           "repo's helpers are: timing figures are then the loaded machine's.", "",
+           f"after {d['loadavg_after']}; autogroup nice {d['autogroup_nice']}"
+           + (" (lowest CPU priority: timing figures are the loaded machine's, rerun quiet)"
+              if d["autogroup_nice"] == 19 else "") + ".", "",
            f"`{d['command']}`", "",
            f"{a.minutes:g} min of new sessions ({a.session_rate:g}/s x {a.turns} turns, think {a.think_time}), "
            f"abandon {a.abandon}, probe {a.probe_rate:g} req/s; offered {d['offered_rate_req_s']} req/s main load, "
