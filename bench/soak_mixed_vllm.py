@@ -22,7 +22,8 @@ slope <= 10% x RSS after warm-up / 48 per 10 min (about 0.6 MiB per 10 min at ~2
 
 Accounting, checked three ways: summary.json's `accounted`; requests.jsonl (one row per scheduled
 request: rows by status = the summary's counts, every session exactly --turns rows in one class);
-and vLLM's own access log (POST /v1/completions lines = rows the client sent).
+and vLLM's own access log (POST /v1/completions lines, written when a response starts: between
+the rows with a first byte and the rows sent; the difference is abandons that left before it).
 """
 
 from __future__ import annotations
@@ -113,6 +114,10 @@ def log_check(run: Path, summary: dict, turns: int) -> dict:
             sessions[r["id"] // STRIDE].append(r)
     bad = [s for s, rs in sessions.items() if len(rs) != turns or len({r.get("class") for r in rs}) != 1]
     sent = sum(1 for r in rows if r["sent_s"] is not None)
+    # uvicorn logs a request when its response starts: a client that left before the server's first
+    # byte (abandoned within milliseconds of its send) has no line there, unless the server wrote its
+    # headers in the instant before the cancel reached it. So: responded <= lines <= sent.
+    responded = sum(1 for r in rows if r["first_byte_s"] is not None)
     posts = sum(1 for ln in (run / "server.log").read_text(errors="replace").splitlines()
                 if "POST /v1/completions" in ln)  # fmt: skip
     c = summary["counts"]
@@ -123,7 +128,8 @@ def log_check(run: Path, summary: dict, turns: int) -> dict:
     return {"rows": len(rows), "rows_by_status": dict(by_status), "rows_match_summary": got == want,
             "sessions": len(sessions), "sessions_not_k_turns_in_one_class": len(bad),
             "probe_rows": sum(1 for r in rows if r["id"] >= PROBE_ID0), "sent_rows": sent,
-            "server_access_log_posts": posts, "server_saw_every_sent": posts == sent}  # fmt: skip
+            "responded_rows": responded, "left_before_response": sent - responded,
+            "server_access_log_posts": posts, "server_log_consistent": responded <= posts <= sent}  # fmt: skip
 
 
 def autogroup_nice() -> int | None:
@@ -244,8 +250,10 @@ def render(d: dict, a: argparse.Namespace) -> list[str]:
            f"- requests.jsonl: {ck['rows']} rows, by status = the summary's counts: **{ck['rows_match_summary']}**; "
            f"{ck['sessions']} sessions, {ck['sessions_not_k_turns_in_one_class']} without exactly {a.turns} rows "
            f"in one class; {ck['probe_rows']} probe rows.",
-           f"- vLLM's access log: {ck['server_access_log_posts']} POST /v1/completions = {ck['sent_rows']} rows "
-           f"the client sent: **{ck['server_saw_every_sent']}**.", "",
+           f"- vLLM's access log (a line when a response starts): {ck['server_access_log_posts']} POST "
+           f"/v1/completions; client rows with a first byte {ck['responded_rows']}, sent {ck['sent_rows']} (the "
+           f"{ck['left_before_response']} between: abandoned before a first byte); responded <= lines <= sent: "
+           f"**{ck['server_log_consistent']}**.", "",
            "## Client memory (replay process RSS, psutil every 10 s)", "",
            f"start {mem['start_mib']} MiB, mid {mem['mid_mib']} MiB (t={mem['mid_at_s']:.0f} s), end "
            f"{mem['end_mib']} MiB, peak {mem['peak_mib']} MiB; after a {mem['warmup_s']:.0f} s warm-up "
