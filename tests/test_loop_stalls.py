@@ -86,7 +86,9 @@ def test_a_35ms_stall_fails_the_selfcheck_and_counts_the_requests_in_flight(stub
     # The monitor's window may open up to one probe period before the stall: a few more, never fewer.
     wider = {r["id"] for r in recs if r["sent_s"] <= end and r["end_s"] >= start - PROBE_INTERVAL_S - 0.002}
     assert STALL_AT in truly and len(truly) >= 2
-    assert truly <= set(stalls["touched_ids"])
+    assert stalls["requests_touched"] >= len(truly)
+    if stalls["requests_touched"] == len(stalls["touched_ids"]):  # the list is whole (it keeps 20)
+        assert truly <= set(stalls["touched_ids"])
     if stalls["count"] == 1:  # a busy machine can stall the loop too; then more requests are touched
         assert len(truly) <= stalls["requests_touched"] <= len(wider)
         assert set(stalls["touched_ids"]) <= wider
