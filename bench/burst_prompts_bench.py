@@ -82,7 +82,9 @@ def run_once(a: argparse.Namespace, d: Path) -> dict[str, Any]:
     try:
         stub.reset()
         out = d / "run"
-        cmd = ["taskset", "-c", CLIENT_CORE, PY, "-m", "replay", "run", "--target", stub.root,
+        spy = os.environ.get("REPLAY_SPY")  # a py-spy raw profile of the client to this path
+        pre = ["py-spy", "record", "--rate", "500", "--format", "raw", "-o", spy, "--"] if spy else []
+        cmd = [*pre, "taskset", "-c", CLIENT_CORE, PY, "-m", "replay", "run", "--target", stub.root,
                "--trace", str(trace), "--format", "mooncake", "--workers", "1", "--quiet",
                "--interval", "1h", "--out", str(out)]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
