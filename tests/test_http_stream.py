@@ -386,3 +386,31 @@ async def test_what_the_target_writes(monkeypatch: pytest.MonkeyPatch) -> None:
         assert int(fields[b"content-length"]) == len(body)
         doc = orjson.loads(body)
         assert doc["model"] == "m" and doc["prompt"] == [7, 8, 9] and doc["max_tokens"] == 2 and doc["stream"]
+
+
+BIG = b"".join(b'data: {"n":%d,"text":" tok"}\n\n' % i for i in range(600)) + b"data: [DONE]\n\n"
+
+
+@pytest.mark.parametrize("kind", ["plain", "ext-trailers", "crlf-in-data"])
+def test_large_reads_take_the_same_chunks_as_small_ones(kind: str) -> None:
+    """Reads of many KiB go through `_whole_chunks` first (C-level passes); whatever its framing and
+    wherever the reads are cut, the body is exactly the one the chunks carry."""
+    rng = random.Random(kind)
+    body = BIG.replace(b"\n\n", b"\r\n\r\n") if kind == "crlf-in-data" else BIG
+    for _ in range(40):
+        extra = kind == "ext-trailers"
+        resp = HEAD_OK + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(body, rng, extra, extra)
+        cuts = rng.sample(range(1, len(resp)), k=rng.randint(0, 6))  # few cuts: reads of several KiB
+        conn, sink, fut = feed(resp, cuts)
+        assert fut.done() and fut.exception() is None
+        assert b"".join(sink.pieces) == body and sink.ended and conn.reusable
+
+
+def test_a_burst_in_one_read_is_one_piece_per_chunk() -> None:
+    events = [b'data: {"n":%d}\n\n' % i for i in range(500)]
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events)
+    resp = HEAD_OK + b"Transfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n"
+    cut = len(resp) - 700  # the second read: the last chunks, one cut mid-chunk, and the end
+    conn, sink, fut = feed(resp, [len(HEAD_OK) + 40, cut])
+    assert b"".join(sink.pieces) == b"".join(events) and fut.result() is None
+    assert sink.reads == 3 and len(sink.pieces) in (len(events), len(events) + 1, len(events) + 2)

@@ -181,3 +181,34 @@ def test_one_event_per_piece_fast_path_keeps_order_and_state() -> None:
     got = d.events_of(pieces[:4]) + d.events_of(pieces[4:]) + d.flush_events()
     assert got == [b"0", b"1", b"2", b"3", b"4", b"x\ny", b"5", b"6"]
     assert d.events_of([b"data: [DONE]\n\n"]) == [b"[DONE]"]
+
+
+def test_many_pieces_at_once_against_the_plain_algorithm() -> None:
+    """A read of many pieces first tries them as one run of plain `data: X` events (C-level scans);
+    mostly plain streams with an odd line here and there, cut anywhere, handed over 8-40 pieces at a
+    time: exactly what the line-by-line algorithm gives."""
+    rng = random.Random(29)
+    odd = [b": ping\n\n", b"data: a\ndata: b\n\n", b"data: c\r\n\r\n", b"data:d\n\n", b"event: e\n\n",
+           b"data: f\n\n\n", b"\n", b"data: \n\n", b"data: g\rdata: h\r\r"]  # fmt: skip
+    for _ in range(300):
+        parts = []
+        for i in range(rng.randint(5, 60)):
+            if rng.random() < 0.05:
+                parts.append(rng.choice(odd))
+            else:
+                text = bytes(rng.choice(b"ab :{}") for _ in range(5))
+                parts.append(b'data: {"n":%d,"t":"%s"}\n\n' % (i, text))
+        if rng.random() < 0.2:
+            parts[0] = b"\xef\xbb\xbf" + parts[0]  # a BOM, which the stream's first bytes may carry
+        stream = b"".join(parts)
+        # Half the time one event per piece, as servers write them; else cut anywhere.
+        pieces = parts if rng.random() < 0.5 else random_splits(stream, rng)
+        want = reference(stream)
+        d = SSEDecoder()
+        got: list[bytes] = []
+        i = 0
+        while i < len(pieces):
+            k = rng.randint(8, 40)
+            got += d.events_of(pieces[i : i + k])
+            i += k
+        assert got + d.flush_events() == want, (stream, pieces)

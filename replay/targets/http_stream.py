@@ -17,6 +17,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
+from itertools import repeat
 from typing import Protocol
 
 from replay.core import errors
@@ -27,6 +28,7 @@ UPLOAD_BUDGET = 256 * 1024  # body remainders written per loop turn, all connect
 UPLOAD_SLICE = 64 * 1024  # at most this much of one body per turn
 _HEAD_MAX = 64 * 1024  # a response head (status line and headers) longer than this is malformed
 _LINE_MAX = 4096  # a chunk-size or trailer line longer than this is malformed
+_BULK_BYTES = 4096  # a read with this much chunked body left first tries _whole_chunks
 # Response states.
 _IDLE, _HEAD, _CHUNKED, _LENGTH, _UNTIL_CLOSE = range(5)
 # Chunked-body states.
@@ -304,6 +306,8 @@ class Conn(asyncio.Protocol):
                 raise Failure(errors.MALFORMED, "chunked body: chunk data not followed by CRLF")
             pos += 2
             st = _SIZE
+        if st == _SIZE and n - pos >= _BULK_BYTES:
+            pos = _whole_chunks(buf, pos, parts)
         find = buf.find
         append = parts.append
         while st == _SIZE:
@@ -360,6 +364,31 @@ class Conn(asyncio.Protocol):
                 self.keep_alive = False  # bytes after the body
                 self._buf = b""
             self._finish(t)
+
+
+def _whole_chunks(buf: bytes, pos: int, parts: list[bytes]) -> int:
+    """Take the complete non-empty chunks from `pos` on in C-level passes (split at CRLF, every size
+    checked against its data's length) and return where they end; the loop after it takes the rest
+    (a partial chunk, the last chunk, extensions, data holding CRLF: any mismatch leaves it all to
+    the loop). Why: a burst read holds hundreds of one-event chunks, ~0.4 us each in the loop."""
+    segs = (buf[pos:] if pos else buf).split(b"\r\n")
+    segs.pop()  # after the last CRLF: a partial line or chunk
+    if len(segs) & 1:
+        segs.pop()  # a size line whose data has not all arrived
+    sizes, datas = segs[0::2], segs[1::2]
+    if not datas:
+        return pos
+    lens = list(map(len, datas))
+    if 0 in lens:  # the last chunk (size 0): it and what follows are the loop's
+        k = lens.index(0)
+        sizes, datas, lens = sizes[:k], datas[:k], lens[:k]
+    try:
+        if list(map(int, sizes, repeat(16))) != lens:
+            return pos
+    except ValueError:
+        return pos
+    parts.extend(datas)
+    return pos + sum(lens) + sum(map(len, sizes)) + 4 * len(lens)
 
 
 def _chunk_size(line: bytes) -> int:

@@ -20,6 +20,18 @@ on blank lines in C and each such event costs one check and one slice, payloads 
 from __future__ import annotations
 
 _BOM = b"\xef\xbb\xbf"
+_BULK_PIECES = 8  # from this many pieces in one read, first try them as one run of plain events
+
+
+def _plain_events(j: bytes) -> list[bytes] | None:
+    """The payloads of `j` when it is exactly `data: X\n\n` repeated (no X holding LF or CR), found
+    with three C scans and one split instead of a Python step per event; else None. Proof of shape:
+    the split makes `j` = `data: ` X1 (`\n\ndata: ` Xi)... `\n\n`, which holds 2 LF per event
+    besides any inside the Xs, so 2 per event in all means none inside."""
+    if j[:6] != b"data: " or j[-2:] != b"\n\n" or 13 in j:
+        return None
+    events = j[6:-2].split(b"\n\ndata: ")
+    return events if j.count(10) == 2 * len(events) else None
 
 
 class SSEDecoder:
@@ -48,9 +60,20 @@ class SSEDecoder:
         """`events` over several pieces in order. A piece that is exactly one `data: ...` line and a blank
         line, arriving between events (how servers write token events, one per HTTP chunk), costs a
         few C-level checks and one slice."""
+        clean = self._clean
+        if len(pieces) >= _BULK_PIECES and not self._data and not self._cr_pending:
+            # At a line start with no event open (a partial line may be pending): the run of plain
+            # events up to the last blank line in one go, whatever follows it the usual way.
+            j = b"".join([*self._pend, *pieces])
+            if not self._started and j[:3] == _BOM:  # the stream's first bytes: drop a BOM
+                j = j[3:]
+            end = j.rfind(b"\n\n") + 2
+            bulk = _plain_events(j[:end]) if end >= 2 and (self._started or len(j) >= 3) else None
+            if bulk is not None:
+                self._started, self._pend, self._clean = True, [], True
+                return bulk + self.events(j[end:]) if end < len(j) else bulk
         out: list[bytes] = []
         append = out.append
-        clean = self._clean
         for piece in pieces:
             # Slices, indexing and `int in bytes` (a memchr): on CPython 3.11 startswith/find parse an
             # argument tuple per call, and `b"\n" in x` first fails (an exception) as an int lookup.

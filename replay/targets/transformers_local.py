@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -91,6 +92,7 @@ class TransformersLocalTarget:
     def __init__(self, config: TransformersTargetConfig, log_path: Path | str | None = None) -> None:
         self.config = config
         self.name = config.name
+        self.generator_cores: list[int] | None = None  # set by start(): the cores the model leaves free
         self.model_dir = Path(config.model_dir)
         if not (self.model_dir / "config.json").is_file():
             raise ReplayError(f"{self.model_dir}: not a model directory (no config.json)")
@@ -125,6 +127,9 @@ class TransformersLocalTarget:
             raise ReplayError(f"{self.name}: already started")
         t0 = time.perf_counter()
         cores = model_cores(self.config.cores)
+        # The cores left to the generator (the runner pins itself there: the kernel otherwise wakes it on
+        # a core the model's threads keep busy, and it waits for a CPU); None on one core.
+        self.generator_cores = sorted(set(os.sched_getaffinity(0)) - set(cores)) or None
         threads = self.config.torch_threads or len(cores)
         self._link = ModelLink(self.name, self._on_out, self._on_down, self.log_path)
         cfg = {
