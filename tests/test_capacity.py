@@ -231,12 +231,17 @@ async def test_a_noisy_step_at_its_bound_is_extended_then_undecided_not_a_coin_f
     for s in steps.values():
         print(s["verdict"], s["judgement"], s["looks"], s["reasons"][:2])
     # The client's stalls would add to every TTFT it measures: a step it fell behind in is not judged.
-    assert all(s["trustworthy"] for s in steps.values()), [s["reasons"][0] for s in steps.values()]
+    # Its own code must not stall it; a machine that kept its loop waiting for a CPU (CI saw one
+    # 64 ms wait on a shared 2-core host, the loop's thread ran 0 ms of it) is named as such, and
+    # the step's judgement is still what the measurements say.
+    for s in steps.values():
+        assert s["trustworthy"] or s["client_stall_cause"] == "loop_thread_waited_for_cpu", s["reasons"][0]
+        assert s["verdict"] == (s["judgement"] if s["trustworthy"] else "untrusted")
     far_pass, far_fail, edge = steps["600ms"], steps["100ms"], steps["250ms"]
-    assert far_pass["verdict"] == "pass" and len(far_pass["looks"]) <= 2 and far_pass["window_s"] <= 11
-    assert far_fail["verdict"] == "fail" and len(far_fail["looks"]) <= 2 and far_fail["window_s"] <= 11
+    assert far_pass["judgement"] == "pass" and len(far_pass["looks"]) <= 2 and far_pass["window_s"] <= 11
+    assert far_fail["judgement"] == "fail" and len(far_fail["looks"]) <= 2 and far_fail["window_s"] <= 11
     # At the bound: looked at 5, 10 and 20 s, undecided each time, run to the end.
-    assert edge["verdict"] == "undecided" and [lk["verdict"] for lk in edge["looks"]] == ["undecided"] * 3
+    assert edge["judgement"] == "undecided" and [lk["verdict"] for lk in edge["looks"]] == ["undecided"] * 3
     assert edge["window_s"] == pytest.approx(20, abs=0.5) and edge["aborted"] is None
     b = edge["bounds"][0]
     assert b["low"] < 0.10 < b["high"] and b["n"] >= 300

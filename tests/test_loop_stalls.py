@@ -16,7 +16,7 @@ import pytest
 from replay.core.request import Request, RequestRecord
 from replay.run.config import RunConfig
 from replay.run.runner import execute, run_in_uvloop
-from replay.stats.selfcheck import PROBE_INTERVAL_S, Bounds
+from replay.stats.selfcheck import PROBE_INTERVAL_S, Bounds, stall_main_cause
 from replay.stub.server import StubProcess
 from replay.targets.http_config import HTTPTargetConfig
 from replay.targets.openai_http import OpenAIHTTPTarget
@@ -101,6 +101,7 @@ def test_a_35ms_stall_fails_the_selfcheck_and_counts_the_requests_in_flight(stub
     else:
         assert worst["loop_thread_ran"] < 10, worst
         assert stalls["causes_ms"]["loop_thread_blocked"] >= STALL_S * 1e3 - PROBE_INTERVAL_S * 1e3, stalls
+        assert stall_main_cause(stalls) == "loop_thread_blocked", stalls
 
 
 def test_the_same_run_without_the_stall_reports_no_stall_over_the_bound(stub, tmp_path):

@@ -38,6 +38,7 @@ from replay.schedule import arrivals
 from replay.stats import histogram as H
 from replay.stats.classes import classes_section
 from replay.stats.scrape import MetricsScraper
+from replay.stats.selfcheck import stall_main_cause
 
 DRAIN_POLL_S = 0.25
 SERVER_KEYS = ("running", "waiting", "kv_cache_usage", "preemptions_total")
@@ -176,6 +177,8 @@ class StepRunner:
             "latency_ms": latency_ms(hists),
             **({"classes": classes} if classes else {}),
             "trustworthy": trusted,
+            # Whose doing the client's stalls were (None: none): a busy machine is not our code.
+            "client_stall_cause": stall_main_cause(summary["selfcheck"].get("stalls") or {}),
             "warnings": [],
         }
 

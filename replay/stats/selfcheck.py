@@ -238,17 +238,29 @@ def stall_reason(stalls: dict[str, Any]) -> str | None:
     return line + (f"; {cause}" if (cause := stall_cause(stalls)) else "")
 
 
+CAUSE_WORDS = {
+    "loop_thread_ran": "mostly our code on the loop",
+    "other_threads_ran": "mostly our other threads",
+    "loop_thread_waited_for_cpu": "mostly waiting for a CPU: the machine is busy",
+    "loop_thread_blocked": "mostly a blocking call on the loop",
+}
+
+
+def stall_main_cause(stalls: dict[str, Any]) -> str | None:
+    """The `causes_ms` key that took most of the stalls' time (None: no stalls or no accounts)."""
+    c = stalls.get("causes_ms") or {}
+    best = max(CAUSE_WORDS, key=lambda k: c.get(k, 0.0))
+    return best if c.get(best, 0.0) > 0 else None
+
+
 def stall_cause(stalls: dict[str, Any]) -> str | None:
     """Whose doing the stalls were, from the scheduler's accounts of the loop's thread in their windows."""
-    c = stalls.get("causes_ms")
-    if not c:
+    key = stall_main_cause(stalls)
+    if key is None:
         return None
+    c = stalls["causes_ms"]
     keys = ("loop_thread_ran", "loop_thread_waited_for_cpu", "loop_thread_blocked", "other_threads_ran")
     ran, waited, blocked, other = (c.get(k, 0.0) for k in keys)
-    if ran + waited + blocked + other <= 0:
-        return None
-    main = max((ran, "mostly our code on the loop"), (other, "mostly our other threads"),
-               (waited, "mostly waiting for a CPU: the machine is busy"),
-               (blocked, "mostly a blocking call on the loop"))[1]  # fmt: skip
+    main = CAUSE_WORDS[key]
     return (f"in those windows the loop's thread ran {ran:.0f} ms, waited {waited:.0f} ms for a CPU and was "
             f"blocked {blocked:.0f} ms; our other threads ran {other:.0f} ms ({main})")  # fmt: skip
