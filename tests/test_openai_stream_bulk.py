@@ -108,6 +108,9 @@ def test_one_read_equals_one_event_per_read(chat: bool, continuous: bool, k: int
         b'{"error":{"message":"boom","code":500}}',  # vLLM's mid-stream error event
         orjson.dumps({"id": "other", "choices": [{"index": 0, "text": " tok", "finish_reason": None}]}),
         HEAD.encode() + b'{"index":0,"text": broken',  # not JSON
+        # The stream's own shape, one token, and an error beside it: the error wins.
+        HEAD.encode()
+        + b'{"index":0,"text":" tok","finish_reason":null}],"error":{"message":"x","code":500}}',
     ],
 )
 def test_an_odd_event_in_a_burst_is_parsed_as_one_by_one(odd: bytes) -> None:
@@ -124,7 +127,7 @@ def test_an_odd_event_in_a_burst_is_parsed_as_one_by_one(odd: bytes) -> None:
         except orjson.JSONDecodeError:
             outcomes.append(("failed", "not JSON"))  # the HTTP target counts it malformed
     assert outcomes[0] == outcomes[1]
-    if odd.startswith(b'{"error"'):
+    if b'"error":' in odd:
         assert outcomes[0] == ("failed", errors.http_status_kind(500))
     if odd.endswith(b"broken"):
         assert outcomes[0] == ("failed", "not JSON")
@@ -142,3 +145,16 @@ def test_watchdog_sees_a_first_token_that_came_in_bulk() -> None:
     s.body([b"data: " + p + b"\n\n" for p in evs[:1]], 1.0)
     s.body([b"data: " + p + b"\n\n" for p in evs[1:]], 2.0)
     assert wd.first == 2.0 and wd.last == 2.0 and rec.first_token_s == 2.0
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_continuous_usage_asked_but_only_sent_at_the_end_counts_each_event(chat: bool) -> None:
+    """A server that ignores continuous_usage_stats (usage only in its last event, as the stub and
+    OpenAI do): every content event is one token, one per read or all in one."""
+    evs = stream_of(40, chat, False)
+    prelude = [evs[0]] if not chat else evs[:2]
+    rest = evs[len(prelude) :]
+    for reads in ([prelude, rest], [prelude] + [[p] for p in rest]):
+        rec = feed(reads, chat, True)
+        assert rec.output_tokens == rec.streamed_tokens() == rec.events == 40
+        assert rec.usage_output_tokens == 40
