@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -101,6 +102,9 @@ def _row(kind: str, seed: int, doc: dict[str, Any], wall: float, truth: float | 
         "steps_by_verdict": r.get("steps_by_verdict"),
         "load_avg": [s["noise"]["load_avg_1m"] for s in doc["steps"] if s.get("noise")][-1:],
         "steps": [[s["rate_req_s"], s["verdict"], s["window_s"]] for s in doc["steps"]],
+        # Why a step was not judged, and whose doing its stalls were (the self-check's accounts).
+        "untrusted": [[s["rate_req_s"], s.get("client_stall_cause"), s["reasons"][0][:300]]
+                      for s in doc["steps"] if s["verdict"] == "untrusted"],  # fmt: skip
     }
 
 
@@ -108,11 +112,23 @@ def stub_search(kind: str, seed: int, tmp: Path) -> dict[str, Any]:
     out = tmp / f"{kind}-{seed}"
     cfg, opts, truth = (STUB, stub_opts(seed), STUB_MU) if kind == "stub" else (MDK, mdk_opts(seed), None)
     t0 = time.monotonic()
-    with StubProcess(_stub_args(cfg)) as stub:
-        target = load_target(stub.base_url, out, {})
-        doc = uvloop.run(
-            CapacitySearch(target, opts, out, log=lambda m: print(f"  {m}", file=sys.stderr)).run()
-        )
+    stub = StubProcess(_stub_args(cfg))
+    # The stub on core 1, the search (its client) on core 0, as in the core bench: on 2 unpinned cores
+    # the kernel woke the client's loop behind the stub and its steps failed the self-check.
+    pinned = shutil.which("taskset") is not None and (os.cpu_count() or 1) >= 2
+    if pinned:
+        stub.argv = ["taskset", "-c", "1", *stub.argv]
+    before = os.sched_getaffinity(0)
+    with stub:
+        if pinned:
+            os.sched_setaffinity(0, {0})
+        try:
+            target = load_target(stub.base_url, out, {})
+            doc = uvloop.run(
+                CapacitySearch(target, opts, out, log=lambda m: print(f"  {m}", file=sys.stderr)).run()
+            )
+        finally:
+            os.sched_setaffinity(0, before)
     return _row(kind, seed, doc, time.monotonic() - t0, truth)
 
 
@@ -171,6 +187,10 @@ def _kind_table(rows: list[dict[str, Any]], tol: float | None) -> list[str]:
         mark = " (client check ignored)" if r.get("client_check_ignored") else ""
         out.append(f"| {r['seed']}{mark} | {_f(a)} | {_ci(r['interval_req_s'])} | {_f(t)} | {err} | {holds} | {counts} "
                    f"| {r['wall_s']} | {r['stop_reason'][:60]} |")  # fmt: skip
+    why = [f"- seed {r['seed']}, {u[0]:g} req/s: {u[2]} (stalls: {u[1] or '-'})" for r in rows
+           for u in r.get("untrusted", [])]  # fmt: skip
+    if why:
+        out += ["", "Steps not judged (the client's self-check):", "", *why]
     if tol is not None and rows:
         ok = sum(
             r["answer_req_s"] is not None and abs(r["answer_req_s"] - r["truth_req_s"]) <= tol * r["truth_req_s"]
@@ -278,8 +298,9 @@ def main() -> int:
                     row["truth_req_s"] = truth["truth_req_s"]
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "steps"}), flush=True)
+            where = "" if kind == "vllm" else " Stub pinned to core 1, the search's client to core 0."
             entry.update(rows=rows, note=f"Run {stamp}, load average {load0:.2f} before, "
-                                         f"{os.getloadavg()[0]:.2f} after.")  # fmt: skip
+                                         f"{os.getloadavg()[0]:.2f} after.{where}")  # fmt: skip
             data[kind + ("-ignored" if IGNORED[0] else "")] = entry
     RESULTS.write_text(json.dumps(data, indent=1) + "\n")
     a.out.write_text(report(data))

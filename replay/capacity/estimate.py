@@ -10,11 +10,13 @@ The answer comes from two kinds of evidence:
     estimate; its 95% interval is Fieller's for the ratio (ln a_allowed - a) / b. Steps decided
     far above (more than 10x the allowed fraction) are left out: there the curve bends.
 The estimate is the lowest bound's crossing (the binding one) placed within [L, U], and its
-interval is the crossing's interval cut to [L, U]. With no usable fit (no violations anywhere
-below the fails: a server that meets its SLO until it saturates) the interval is [L, U] and the
-estimate its middle. Why a fit at all: near the answer a p99 step is undecided for minutes (a
-4-slot queue at its limit needs ~20 minutes of traffic to decide a step 5% away), while the
-counts of every step near it, decided or not, pin the crossing down several times faster.
+interval is the crossing's interval cut to [L, U], its low end lowered by the overload L's step
+could hide (its backlog growth's upper bound per second: hidden_overload). With no usable fit (no
+violations anywhere below the fails: a server that meets its SLO until it saturates) the interval
+is [L, U] (the same lowering) and the estimate its middle. Why a fit at all: near the answer a
+p99 step is undecided for minutes (a 4-slot queue at its limit needs ~20 minutes of traffic to
+decide a step 5% away), while the counts of every step near it, decided or not, pin the
+crossing down several times faster.
 
 Where to look next: bisect the bracket (steps undecided so far count on the side their point
 estimate falls) until a crossing can be fitted, then alternate just below and just above it,
@@ -135,6 +137,21 @@ def crossings(steps: Sequence[dict[str, Any]]) -> list[Crossing]:
     return out
 
 
+def hidden_overload(steps: Sequence[dict[str, Any]], rate: float) -> float:
+    """How far over the server's sustainable rate a step at `rate` that passed could still have been:
+    the backlog growth its window could not rule out (the upper end of its interval) per second.
+    A step 0.1% over a D/D/8 stub's capacity grows its backlog by ~1 request in 32 s, well inside a
+    stable verdict's allowance (saturation_arrays); so the interval's low end sits that much lower."""
+    worst = 0.0
+    for s in usable(steps):
+        if s["verdict"] != "pass" or s["rate_req_s"] != rate or not s.get("window_s"):
+            continue
+        growth = (s.get("saturation") or {}).get("backlog_growth")
+        if growth:
+            worst = max(worst, max(growth[2], 0.0) / s["window_s"])
+    return min(worst, rate)
+
+
 def answer(steps: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The max SLO rate, its 95% interval and how they were found (see the module docstring);
     no upper end (None) while no step has failed."""
@@ -149,6 +166,8 @@ def answer(steps: Sequence[dict[str, Any]]) -> dict[str, Any]:
     else:  # no estimate without a decided pass (0 when even the lowest rate tried failed)
         point = (lo + hi) / 2 if hi is not None and lo > 0 else lo if lo > 0 else None
         low, high, method = lo, top, "bracket"
+    if lo > 0:
+        low = min(low, lo - hidden_overload(steps, lo))
     return {
         "rate_req_s": None if point is None else round(point, 4),
         "low_req_s": round(low, 4),

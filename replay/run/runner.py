@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import importlib.metadata
 import os
 import platform
@@ -30,6 +29,7 @@ from replay.engine.open_loop import Engine, EngineOptions
 from replay.run import live
 from replay.run.config import RunConfig
 from replay.run.files import IntervalLog, JsonlWriter, RequestLog, interval_row
+from replay.run.gc_pacer import GcPacer
 from replay.run.offloop import OffLoop
 from replay.run.sidecar import Sidecar
 from replay.schedule.synthetic import primed
@@ -101,6 +101,7 @@ class _Run:
         else:
             self.engine = Engine(target, self._sink, opts)
         self.monitor = LoopLagMonitor()
+        self.gc = GcPacer(lambda: self.engine.state.in_flight)
         self.offloop = OffLoop()
         self.signals = 0
         self.t0 = 0.0
@@ -179,9 +180,9 @@ class _Run:
         hlog = IntervalLog(self.run_dir / "intervals.hlog", time.time() + START_LEAD_S)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._on_signal)
-        # Everything allocated so far (imports, target, schedule set-up) leaves the collector's view:
-        # a full collection over it took ~10 ms on the loop mid-run.
-        gc.freeze()
+        # Everything allocated so far (imports, target, schedule set-up) leaves the collector's view
+        # (a full collection over it took ~10 ms on the loop mid-run); from here it is paced.
+        self.gc.start()
         self.t0 = time.perf_counter() + START_LEAD_S
         self.monitor.start(self.t0)
         self.sidecar.start(self.t0)
@@ -199,6 +200,7 @@ class _Run:
                 await ticker
             await self.offloop.idle()
             await self.monitor.stop()
+            await self.gc.stop()
             await self.sidecar.stop()
             elapsed = time.perf_counter() - self.t0
             last_start = (elapsed // self.cfg.interval_s) * self.cfg.interval_s
@@ -245,6 +247,7 @@ class _Run:
             "client_cpu_percent": round(self.monitor.cpu_percent, 1),
             "display": self.feed.cost() if self.feed else {"mode": "off"},
             "generator_cores": self.pinned,
+            "gc": self.gc.to_json(),
         }
         hists_out = dict(hists)
         hists_out["loop_lag"] = self.monitor.hist

@@ -140,6 +140,8 @@ def merged_stalls(each: list[dict[str, Any]]) -> dict[str, Any]:
             causes[k] = round(causes.get(k, 0.0) + v, 3)
         if s.get("max_ms", 0.0) >= out["max_ms"] and s.get("worst_window_ms"):
             out["worst_window_ms"] = s["worst_window_ms"]
+        out.setdefault("worst", []).extend(s.get("worst", []))
+    out["worst"] = sorted(out.get("worst", []), key=lambda w: -w["lag_ms"])[:5]
     return out
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import itertools
 import os
 import socket
@@ -32,6 +31,7 @@ from replay.core.target import Target
 from replay.engine.open_loop import Engine, EngineOptions
 from replay.run.config import RunConfig
 from replay.run.files import RequestLog
+from replay.run.gc_pacer import GcPacer
 from replay.run.offloop import OffLoop
 from replay.schedule import arrivals
 from replay.schedule import synthetic as schedule
@@ -261,7 +261,10 @@ class ShardRunner:
         assert self.engine is not None and self._schedule is not None, "prepare() first"
         assert self._requests is not None
         self.t0 = t0
-        gc.freeze()  # set-up objects leave the collector's view: no ~10 ms full collections over them
+        # Set-up objects leave the collector's view (no ~10 ms full collections over them); from
+        # here collection is paced (run.gc_pacer).
+        pacer = GcPacer(lambda: self.engine.state.in_flight if self.engine else 0)
+        pacer.start()
         self._proc.cpu_percent()  # prime: the first interval reports CPU from here
         monitor = self.monitor
         monitor.start(t0)
@@ -274,6 +277,7 @@ class ShardRunner:
                 await ticker
             await self.offloop.idle()
             await monitor.stop()
+            await pacer.stop()
             # The open interval closes now (a little longer than interval_s if the ticker was late).
             elapsed = time.perf_counter() - t0
             k = self._next_k
@@ -294,7 +298,7 @@ class ShardRunner:
             elapsed_s=round(elapsed, 3),
             target=self.target.describe() if self.target else {},
             requests_lines=self._requests.lines,
-            extra={"stalls": monitor.stalls.to_json()},
+            extra={"stalls": monitor.stalls.to_json(), "gc": pacer.to_json()},
         )
 
     async def close(self) -> None:

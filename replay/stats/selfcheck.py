@@ -29,6 +29,7 @@ from replay.stats import histogram as H
 PROBE_INTERVAL_S = 0.01
 MAX_STALLS_KEPT = 10_000  # windows kept for matching requests; beyond it only counted
 MAX_TOUCHED_IDS = 20
+WORST_KEPT = 5  # the longest stalls kept with their times
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +71,7 @@ class Stalls:
         self.blocked_s = 0.0
         self.other_s = 0.0
         self.max_window: dict[str, float] = {}  # the worst stall's window and its accounts (s)
+        self.worst: list[tuple[float, float, float, float]] = []  # (lag, start, ran, waited), top WORST_KEPT
 
     def add(
         self, start_s: float, end_s: float, lag_s: float, cpu: tuple[float, float, float] | None = None
@@ -79,6 +81,9 @@ class Stalls:
         process's other threads ran."""
         self.count += 1
         self.total_s += lag_s
+        if len(self.worst) < WORST_KEPT or lag_s > self.worst[-1][0]:
+            ran_w, waited_w = (cpu[0], cpu[1]) if cpu is not None else (0.0, 0.0)
+            self.worst = sorted([*self.worst, (lag_s, start_s, ran_w, waited_w)], reverse=True)[:WORST_KEPT]
         if cpu is not None:
             window = max(end_s - start_s, 0.0)
             ran, waited, other = (min(max(x, 0.0), window) for x in cpu)
@@ -138,6 +143,12 @@ class Stalls:
                 "other_threads_ran": round(self.other_s * 1e3, 3),
             },
             "worst_window_ms": {k: round(v * 1e3, 3) for k, v in self.max_window.items()},
+            # When they happened (run-relative s): ties a stall to what the run was doing then.
+            "worst": [
+                {"at_s": round(at, 3), "lag_ms": round(lag * 1e3, 3), "loop_thread_ran_ms": round(r * 1e3, 3),
+                 "loop_thread_waited_ms": round(wt * 1e3, 3)}
+                for lag, at, r, wt in self.worst
+            ],  # fmt: skip
         }
 
 
@@ -235,6 +246,8 @@ def stall_reason(stalls: dict[str, Any]) -> str | None:
     more = "" if stalls["requests_touched"] <= 5 else ", ..."
     line = (f"{stalls['count']} stall(s) over {stalls['threshold_ms']:g} ms touched "
             f"{stalls['requests_touched']} request(s) in flight (ids {ids}{more})")  # fmt: skip
+    if stalls.get("worst"):
+        line += "; the longest at " + ", ".join(f"{w['at_s']:.1f} s" for w in stalls["worst"][:3])
     return line + (f"; {cause}" if (cause := stall_cause(stalls)) else "")
 
 
