@@ -11,9 +11,9 @@ fixed 54 ms, no burst, TTFT/ITL p50 10.8/2.9 ms vs 10.7/2.7 ms for the same buil
 and targeted by URL (the control 50-60 ms: the machine's noise, not ours). Bound 5 ms: the
 acceptance criterion and the self-check's stall threshold. Our own on-loop work stays far below
 it (the /metrics parse 0.18 ms, was 5.8 ms with prometheus_client; the schedule's first step,
-6-11 ms, is taken before t0), so it is meant for a machine nothing else loads, as in CI (this box
-was never that quiet while the fix was made: a < 5 ms run here is still to be seen); on a shared,
-busy box it fails on the box's noise, which the control above shows.
+6-11 ms, is taken before t0), so it is meant for a machine nothing else loads, as in CI (with the
+server pinned off the generator's core: loop-lag max 3.3 ms, bench/results-vllm-started.md); on a
+shared, busy box it fails on the box's noise, which the control above shows.
 
 A closed loop at concurrency 1 is the clean case: one stream, no queueing, so any gap between the
 tokens vLLM emits (one per ~2.7 ms decode step) and the ones we see is the client's own.
