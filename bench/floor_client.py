@@ -6,7 +6,8 @@ Open-loop Poisson arrivals on an absolute timeline, one raw asyncio Protocol per
 keep-alive pool), the HTTP/1.1 chunked body scanned for SSE events with bytes.find only. Per request
 it keeps the send time and the time of each read that completed a token event; nothing else: no
 histograms, no files, no JSON parsing. Percentiles at the end with numpy (exact order statistics).
-Prints one JSON object. Not part of replay: a yardstick of our own, written for the benchmark only.
+One probe like replay's self-check measures its loop lag (max), to tell the machine's and the
+stub's share of replay's stalls from replay's own. Prints one JSON object. Not part of replay: a yardstick of our own, written for the benchmark only.
 """
 
 from __future__ import annotations
@@ -105,6 +106,18 @@ async def main_async(a: argparse.Namespace) -> dict[str, object]:
     pool: list[Stream] = []
     out: list[tuple[float, list[float]]] = []
     tasks = []
+    lags: list[float] = []
+    running = True
+
+    async def lag_probe() -> None:
+        """The same probe as replay's self-check (10 ms sleeps, their overshoot): what the loop of a
+        client doing the least shows of the machine and the stub's clumped writes."""
+        while running:
+            t = perf()
+            await asyncio.sleep(0.01)
+            lags.append(perf() - t - 0.01)
+
+    probe = loop.create_task(lag_probe())
     t0 = perf() + 0.05
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
     for at in arrivals:
@@ -114,6 +127,8 @@ async def main_async(a: argparse.Namespace) -> dict[str, object]:
         tasks.append(loop.create_task(one(loop, host, port, pool, request, out)))
     res = await asyncio.gather(*tasks, return_exceptions=True)
     wall = perf() - t0
+    running = False
+    await probe
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     ttft = np.array([(ts[0] - s) * 1e3 for s, ts in out if ts])
@@ -125,6 +140,7 @@ async def main_async(a: argparse.Namespace) -> dict[str, object]:
         "ttft_p50": round(float(np.percentile(ttft, 50)), 3), "ttft_p99": round(float(np.percentile(ttft, 99)), 3),
         "itl_p50": round(float(np.percentile(itl, 50)), 3), "itl_p99": round(float(np.percentile(itl, 99)), 3),
         "client_cpu": round(100 * cpu / wall, 1),
+        "loop_lag_max": round(max(lags) * 1e3, 3) if lags else None,
     }  # fmt: skip
 
 
