@@ -298,6 +298,10 @@ def main() -> int:
                     row["truth_req_s"] = truth["truth_req_s"]
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "steps"}), flush=True)
+                if kind == "vllm":  # ~15 min each: what is done is kept if the rest is cut short
+                    part = dict(entry, rows=list(rows), note=f"Run {stamp}, {len(rows)} of {a.repeats} searches so far.")
+                    RESULTS.write_text(json.dumps({**data, kind: part}, indent=1) + "\n")
+                    a.out.write_text(report({**data, kind: part}))
             where = "" if kind == "vllm" else " Stub pinned to core 1, the search's client to core 0."
             entry.update(rows=rows, note=f"Run {stamp}, load average {load0:.2f} before, "
                                          f"{os.getloadavg()[0]:.2f} after.{where}")  # fmt: skip
