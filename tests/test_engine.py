@@ -174,4 +174,3 @@ async def test_max_in_flight_drops_are_counted_not_queued():
     dropped = [r for r in got if r.status == "not_sent"]
     assert len(ok) == 10 and len(dropped) == 40
     assert {r.error for r in dropped} == {"max_in_flight"} and eng.state.not_sent == 40
-

@@ -70,7 +70,7 @@ class LookAhead:
     def clock_started(self, t0: float) -> None:
         """The run's clock is fixed: from now the window moves with it."""
         self._t0 = t0
-        _wake(self._wake_builder)
+        wake(self._wake_builder)
 
     async def close(self) -> None:
         if self._task is not None and not self._task.done():
@@ -91,7 +91,7 @@ class LookAhead:
                 self._wake_reader = None
         req = self._ready.popleft()
         self._bytes -= _cost(req)
-        _wake(self._wake_builder)
+        wake(self._wake_builder)
         return req
 
     def rest(self) -> Iterator[Request]:
@@ -132,7 +132,7 @@ class LookAhead:
                 self._current = None
                 self._ready.append(req)
                 self._bytes += _cost(req)
-                _wake(self._wake_reader)
+                wake(self._wake_reader)
                 if perf() > slice_end:
                     await asyncio.sleep(0)
                     slice_end = perf() + SLICE_S
@@ -142,8 +142,8 @@ class LookAhead:
             self._error = exc
         finally:
             self._done = True
-            _wake(self._wake_reader)
-            _wake(self._primed)
+            wake(self._wake_reader)
+            wake(self._primed)
 
     def _wait_s(self, req: Request) -> float | None:
         """None: room for `req` now; else how long until the window reaches it (inf: until next()
@@ -160,10 +160,10 @@ class LookAhead:
 
     async def _sleep(self, wait_s: float) -> None:
         """Sleep `wait_s` (inf: no timer), or until next() frees bytes or the clock starts."""
-        _wake(self._primed)
+        wake(self._primed)
         loop = asyncio.get_running_loop()
         self._wake_builder = fut = loop.create_future()
-        timer = loop.call_later(wait_s, _wake, fut) if wait_s != math.inf else None
+        timer = loop.call_later(wait_s, wake, fut) if wait_s != math.inf else None
         try:
             await fut
         finally:
@@ -176,6 +176,7 @@ def _cost(req: Request) -> int:
     return _REQUEST_BYTES + _TOKEN_BYTES * req.input_tokens
 
 
-def _wake(fut: asyncio.Future[None] | None) -> None:
+def wake(fut: asyncio.Future[None] | None) -> None:
+    """Resolve `fut` unless it is gone or already resolved (a wake-up that may come twice)."""
     if fut is not None and not fut.done():
         fut.set_result(None)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from replay.core import errors
 from replay.core.request import ABANDONED, ERROR, NOT_SENT, OK, UNFINISHED, Request, RequestRecord, record_for
 from replay.core.target import Target
-from replay.engine.lookahead import LookAhead
+from replay.engine.lookahead import LookAhead, wake
 
 Sink = Callable[[RequestRecord], None]
 # A request's successor, made when it ends (a session's next turn): (request, its end in run-relative
@@ -284,7 +284,7 @@ class Engine:
             return
         loop = asyncio.get_running_loop()
         self._emptied = fut = loop.create_future()
-        timer = None if timeout_s is None else loop.call_later(timeout_s, _resolve, fut)
+        timer = None if timeout_s is None else loop.call_later(timeout_s, wake, fut)
         try:
             await fut
         finally:
@@ -361,8 +361,3 @@ def _fail(rec: RequestRecord, kind: str, detail: str) -> None:
     rec.status = ERROR
     rec.error = kind
     rec.error_detail = detail[:200]
-
-
-def _resolve(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)

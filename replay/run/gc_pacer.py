@@ -90,8 +90,8 @@ class GcPacer:
         return False
 
     async def stop(self) -> None:
-        """Pacing ends; the collector is as it was before start(). The caller collects what piled up
-        once its measurements are over (`collect_now`)."""
+        """Pacing ends; the collector is switched back on as it was before start(), and collects what
+        piled up by itself, after the measurements."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -26,7 +26,7 @@ from replay.stats import histogram as H
 from replay.stats.drift import DriftTracker
 from replay.stats.recorder import METRICS, Counts
 from replay.stats.saturation import SaturationTracker
-from replay.stats.selfcheck import Bounds, verdict
+from replay.stats.selfcheck import WORST_KEPT, Bounds, verdict
 from replay.stats.summary import build_summary
 
 ALL_METRICS = (*METRICS, "loop_lag")
@@ -141,7 +141,7 @@ def merged_stalls(each: list[dict[str, Any]]) -> dict[str, Any]:
         if s.get("max_ms", 0.0) >= out["max_ms"] and s.get("worst_window_ms"):
             out["worst_window_ms"] = s["worst_window_ms"]
         out.setdefault("worst", []).extend(s.get("worst", []))
-    out["worst"] = sorted(out.get("worst", []), key=lambda w: -w["lag_ms"])[:5]
+    out["worst"] = sorted(out.get("worst", []), key=lambda w: -w["lag_ms"])[:WORST_KEPT]
     return out
 
 

@@ -111,16 +111,28 @@ class OpenAIStream:
         self._parsed(payloads, t)
 
     def _plain(self, p: bytes) -> bool:
-        """`p` is a mid-stream content event of the shape `_bulk` checks (this stream's prefix, one
-        choice, finish_reason null, non-empty text, no error, no usage): parsed, it counts one token."""
+        """`p` is a mid-stream content event of the shape `_bulk` checks, with no usage: parsed, it
+        counts one token (with usage, continuous usage counts its tokens: it is parsed)."""
+        return b'"usage":' not in p and self._framed(p, 1) and self._one_token_each(p, 1)
+
+    def _framed(self, joined: bytes, n: int) -> bool:
+        """`n` events joined by LF each start with this stream's prefix (one choice) and carry
+        finish_reason null and no error: counted by byte patterns, in C."""
         prefix = self.prefix
-        if prefix is None or self.done or p[: len(prefix)] != prefix or p.count(b'"finish_reason":null') != 1:
-            return False
-        if b'"error":' in p or b'"usage":' in p:
-            return False  # with usage, continuous usage counts its tokens: parsed
+        return (
+            prefix is not None
+            and not self.done
+            and joined[: len(prefix)] == prefix
+            and (n == 1 or joined.count(b"\n" + prefix) == n - 1)
+            and joined.count(b'"finish_reason":null') == n
+            and b'"error":' not in joined
+        )
+
+    def _one_token_each(self, joined: bytes, n: int) -> bool:
+        """Each of the `n` framed events has non-empty text (the parsed path's one token each)."""
         if self.chat:
-            return p.count(b'"delta":{"content":"') == 1 and b'"content":""' not in p
-        return p.count(b'"text":"') == 1 and b'"text":""' not in p
+            return joined.count(b'"delta":{"content":"') == n and b'"content":""' not in joined
+        return joined.count(b'"text":"') == n and b'"text":""' not in joined
 
     def _bulk(self, mids: list[bytes]) -> int | None:
         """The tokens carried by events that arrived in one read between two parsed ones, when every one
@@ -129,19 +141,11 @@ class OpenAIStream:
         core (orjson ~0.75 us, then the Python per event); a burst of 256 tokens in one read would cost
         ~0.4 ms. Same time stamp, so the ITL samples are the same. With continuous usage the next parsed
         event's usage counts these events' tokens; otherwise each carries one (none may be empty)."""
-        prefix = self.prefix
-        if prefix is None or self.done:
-            return None
         n = len(mids)
         joined = b"\n".join(mids)
         # Every separator followed by the prefix: each event starts with it (one more match anywhere,
         # or an event without it, and the count is off); none ends the stream.
-        if (
-            not joined.startswith(prefix)
-            or joined.count(b"\n" + prefix) != n - 1
-            or joined.count(b'"finish_reason":null') != n
-            or b'"error":' in joined
-        ):
+        if not self._framed(joined, n):
             return None
         if self.continuous:
             with_usage = joined.count(b'"usage":{')
@@ -150,11 +154,7 @@ class OpenAIStream:
             if with_usage or b'"usage":' in joined:
                 return None
             # No usage on them (a server that ignores continuous_usage_stats): one token each, as parsed.
-        if self.chat:
-            shaped = joined.count(b'"delta":{"content":"') == n and b'"content":""' not in joined
-        else:
-            shaped = joined.count(b'"text":"') == n and b'"text":""' not in joined
-        return n if shaped else None
+        return n if self._one_token_each(joined, n) else None
 
     def _parsed(self, payloads: list[bytes], t: float) -> None:
         if self.done or not payloads:
